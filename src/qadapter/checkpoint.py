@@ -1,0 +1,185 @@
+"""Saving and loading, each side mirroring the other, every write atomic.
+
+An adapter folder is PEFT's standard layout (``adapter_model.safetensors``,
+``adapter_config.json``) plus ``qadapter_config.json``, which holds the method settings and the
+identity of the base model. Base weights are never written. A training checkpoint is an adapter
+folder plus ``trainer_state.pt`` (optimizer, scheduler, progress, RNG states).
+
+Every folder is written under a temporary name beside its target and renamed into place, so a
+crash or interrupt leaves either the old folder or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import QAdapterConfig, read_json
+from .errors import ConfigError, ModelError
+
+QADAPTER_CONFIG = "qadapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it replaces ``target``.
+
+    On any exception the temporary folder is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_adapter_files(qmodel: Any, folder: Path) -> None:
+    qmodel.peft_model.save_pretrained(str(folder), safe_serialization=True)
+    meta = {"qadapter_version": __version__, "config": qmodel.config.to_dict(), "base": qmodel.identity.to_dict()}
+    (folder / QADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_adapter(qmodel: Any, adapter_dir: str | Path) -> None:
+    """Write the LoRA weights (safetensors, PEFT layout) and ``qadapter_config.json``, atomically."""
+    with atomic_dir(adapter_dir) as tmp:
+        _write_adapter_files(qmodel, tmp)
+
+
+def read_adapter_meta(adapter_dir: str | Path) -> tuple[QAdapterConfig, dict[str, Any], str]:
+    """(config, base identity dict, qadapter version) of an adapter folder, validated."""
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / QADAPTER_CONFIG
+    if not path.is_file():
+        hint = " (a plain PEFT LoRA? Q-Adapters carry qadapter_config.json)" if (adapter_dir / "adapter_config.json").is_file() else ""
+        raise ModelError(f"{adapter_dir}: not a Q-Adapter folder, {QADAPTER_CONFIG} is missing{hint}")
+    meta = read_json(str(path), "Q-Adapter config")
+    for key in ("config", "base"):
+        if not isinstance(meta.get(key), dict):
+            raise ConfigError(f"{path}: field '{key}' is missing or not an object")
+    config = QAdapterConfig.from_dict(meta["config"], source=str(path))
+    return config, meta["base"], str(meta.get("qadapter_version", "unknown"))
+
+
+def load_adapter(
+    adapter_dir: str | Path,
+    base: Any = None,
+    *,
+    model: str | None = None,
+    allow_base_mismatch: bool = False,
+    device: torch.device | str | None = None,
+    is_trainable: bool = False,
+) -> Any:
+    """Restore a :class:`~qadapter.model.QAdapterModel` saved by :func:`save_adapter`.
+
+    The base model is loaded from the identity recorded at training time unless ``base`` (an
+    already loaded :class:`~qadapter.model.LoadedBase`) or ``model`` is given; a base whose
+    architecture, weights or chat template differ is refused unless ``allow_base_mismatch``.
+    Weights are read from safetensors only.
+    """
+    from peft import PeftModel
+
+    from .model import BaseIdentity, QAdapterModel, load_base
+
+    adapter_dir = Path(adapter_dir)
+    config, base_meta, _ = read_adapter_meta(adapter_dir)
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise ModelError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are loaded)")
+    try:
+        saved = BaseIdentity.from_dict(base_meta)
+    except TypeError as exc:
+        raise ConfigError(f"{adapter_dir / QADAPTER_CONFIG}: malformed 'base' ({exc})") from None
+    if base is None:
+        base = load_base(model or saved.name, revision=None if model else _hub_revision(saved), device=device)
+    problems = saved.mismatches(base.identity)
+    if problems and not allow_base_mismatch:
+        raise ModelError(
+            f"{adapter_dir} was trained on a different base model ({saved.name}): "
+            + "; ".join(problems)
+            + ". Load the matching base, or pass allow_base_mismatch=True (--allow-base-mismatch) if you know why."
+        )
+    try:
+        peft_model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelError(f"{adapter_dir}: adapter weights do not fit the base model ({exc})") from None
+    return QAdapterModel(peft_model, base.tokenizer, config, base.identity)
+
+
+def _hub_revision(identity: Any) -> str | None:
+    revision = identity.revision
+    return None if revision is None or revision.startswith("gguf-sha256:") else revision
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(qmodel: Any, folder: str | Path, trainer_state: dict[str, Any]) -> None:
+    """An adapter folder plus ``trainer_state.pt`` (one dict, read back by the same keys)."""
+    with atomic_dir(folder) as tmp:
+        _write_adapter_files(qmodel, tmp)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+
+
+def load_trainer_state(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / TRAINER_STATE
+    if not path.is_file():
+        raise ModelError(f"{folder}: not a training checkpoint ({TRAINER_STATE} is missing)")
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states hold tuples
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    folder = Path(checkpoints_dir)
+    done = [p for p in folder.glob("step-*") if (p / TRAINER_STATE).is_file()] if folder.is_dir() else []
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)

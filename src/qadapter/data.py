@@ -1,0 +1,343 @@
+"""Preference data: every supported layout → one :class:`PreferenceRecord`.
+
+Accepted layouts, detected per record at the edge (nothing downstream branches on them):
+
+================================  =====================================================================
+layout                            fields
+================================  =====================================================================
+explicit prompt (TRL)             ``prompt``, ``chosen``, ``rejected``: strings, or lists of
+                                  ``{"role", "content"}`` messages (conversational)
+implicit prompt (TRL)             ``chosen``, ``rejected`` message lists sharing their opening turns
+Anthropic HH-RLHF transcripts     ``chosen``, ``rejected`` strings of ``\\n\\nHuman: …\\n\\nAssistant: …``
+scored pair (DSP helpful/harmless) ``text``: [transcript, transcript], ``score``: [s, s]
+multi-response (DSP domains)      ``query``, ``responses``: {style: text}; ``prefer`` picks the chosen
+                                  style and every other style becomes a rejected response
+================================  =====================================================================
+
+Files: ``.jsonl`` / ``.json`` (a list of records), optionally ``.gz``; or any Hugging Face
+``datasets`` source by name. A malformed record raises :class:`DataError` naming the file and line
+(``skip_invalid=True`` skips it instead and counts it).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from .errors import DataError
+
+Message = dict[str, str]
+Turns = Union[str, list[Message]]  # plain text, or a conversation
+ROLES = ("system", "user", "assistant", "tool")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One comparison: for ``prompt``, ``chosen`` is preferred over ``rejected``.
+
+    Either all three are strings (plain text, concatenated as prompt + response) or all three
+    are message lists (rendered with the tokenizer's chat template). ``origin`` is "file:line".
+    """
+
+    prompt: Turns
+    chosen: Turns
+    rejected: Turns
+    origin: str = ""
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+    @property
+    def prompt_key(self) -> str:
+        """A stable text key for the prompt, used to split data by prompt."""
+        return json.dumps(self.prompt, sort_keys=True, ensure_ascii=False)
+
+
+@dataclass
+class LoadReport:
+    """What :func:`read_records` kept and skipped."""
+
+    records: list[PreferenceRecord]
+    skipped: list[str] = field(default_factory=list)  # "origin: reason" per skipped record
+
+
+# ---------------------------------------------------------------------------------------------
+# One raw record → PreferenceRecords
+
+
+def _check_messages(value: Any, what: str) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"'{what}' must be a non-empty list of messages")
+    out: list[Message] = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
+            raise ValueError(f"'{what}[{i}]' must be an object with string 'role' and 'content'")
+        if msg["role"] not in ROLES:
+            raise ValueError(f"'{what}[{i}]' has role {msg['role']!r}; expected one of {', '.join(ROLES)}")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    return out
+
+
+def _check_text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"'{what}' must be a string or a list of messages, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"'{what}' is empty")
+    return value
+
+
+def parse_hh_transcript(text: str) -> list[Message]:
+    """Split an Anthropic HH-RLHF transcript into messages.
+
+    >>> parse_hh_transcript("\\n\\nHuman: Hi\\n\\nAssistant: Hello!")
+    [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello!'}]
+    """
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise ValueError("transcript does not start with '\\n\\nHuman:'")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[speaker], "content": content.strip()} for speaker, content in zip(parts[1::2], parts[2::2])]
+
+
+def _split_common_prompt(chosen: list[Message], rejected: list[Message]) -> tuple[list[Message], list[Message], list[Message]]:
+    """Split two conversations into their shared opening turns and the diverging rest."""
+    if chosen == rejected:
+        raise ValueError("chosen and rejected are identical")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == min(len(chosen), len(rejected)):
+        raise ValueError("one conversation is a prefix of the other, so they share no point where they diverge")
+    prompt, chosen_rest, rejected_rest = chosen[:n], chosen[n:], rejected[n:]
+    if not prompt:
+        raise ValueError("chosen and rejected share no opening turn to use as the prompt")
+    if prompt[-1]["role"] not in ("user", "tool"):
+        raise ValueError("the shared prompt must end with a user turn")
+    if chosen_rest[0]["role"] != "assistant" or rejected_rest[0]["role"] != "assistant":
+        raise ValueError("chosen and rejected must continue the prompt with an assistant turn")
+    for name, rest in (("chosen", chosen_rest), ("rejected", rejected_rest)):
+        if not any(m["content"].strip() for m in rest):
+            raise ValueError(f"the {name} response is empty")
+    return prompt, chosen_rest, rejected_rest
+
+
+def _conversation(value: Any, what: str) -> list[Message]:
+    """A message list, or an HH transcript string parsed into one."""
+    if isinstance(value, str):
+        if not _HH_TURN.search(value):
+            raise ValueError(
+                f"'{what}' is plain text without an explicit 'prompt'; give a 'prompt' field, "
+                "message lists, or an HH-RLHF transcript ('\\n\\nHuman: … \\n\\nAssistant: …')"
+            )
+        return parse_hh_transcript(value)
+    return _check_messages(value, what)
+
+
+def _from_pair(chosen: Any, rejected: Any, origin: str) -> PreferenceRecord:
+    prompt, c, r = _split_common_prompt(_conversation(chosen, "chosen"), _conversation(rejected, "rejected"))
+    return PreferenceRecord(prompt, c, r, origin)
+
+
+def _from_explicit(obj: dict[str, Any], origin: str) -> PreferenceRecord:
+    prompt = obj["prompt"]
+    if isinstance(prompt, list):
+        prompt = _check_messages(prompt, "prompt")
+        chosen, rejected = (
+            [{"role": "assistant", "content": _check_text(obj[k], k)}] if isinstance(obj[k], str) else _check_messages(obj[k], k)
+            for k in ("chosen", "rejected")
+        )
+        return PreferenceRecord(prompt, chosen, rejected, origin)
+    prompt = _check_text(prompt, "prompt")
+    for key in ("chosen", "rejected"):
+        if isinstance(obj[key], list):
+            raise ValueError(f"'{key}' is a message list but 'prompt' is plain text; give the prompt as messages too")
+    return PreferenceRecord(prompt, _check_text(obj["chosen"], "chosen"), _check_text(obj["rejected"], "rejected"), origin)
+
+
+def _from_scored(obj: dict[str, Any], origin: str) -> PreferenceRecord:
+    text, score = obj["text"], obj.get("score", [1.0, 0.0])
+    if not (isinstance(text, list) and len(text) == 2 and isinstance(score, list) and len(score) == 2):
+        raise ValueError("'text' and 'score' must be lists of two")
+    if not all(isinstance(s, (int, float)) for s in score) or score[0] == score[1]:
+        raise ValueError("'score' must hold two different numbers")
+    better, worse = (text[0], text[1]) if score[0] > score[1] else (text[1], text[0])
+    return _from_pair(better, worse, origin)
+
+
+def _from_multi_response(obj: dict[str, Any], origin: str, prefer: str | None) -> list[PreferenceRecord]:
+    responses = obj["responses"]
+    if not isinstance(responses, dict) or not responses:
+        raise ValueError("'responses' must be an object {style: text}")
+    if prefer is None:
+        raise ValueError(f"records with 'responses' need a preferred style (prefer=...); styles: {', '.join(sorted(responses))}")
+    if prefer not in responses:
+        raise ValueError(f"no response for preferred style {prefer!r}; styles: {', '.join(sorted(responses))}")
+    prompt = [{"role": "user", "content": _check_text(obj["query"], "query")}]
+    chosen = [{"role": "assistant", "content": _check_text(responses[prefer], f"responses.{prefer}")}]
+    for style, text in responses.items():
+        if not isinstance(text, str):
+            raise ValueError(f"'responses.{style}' must be a string, got {type(text).__name__}")
+    # An empty response, or one equal to the preferred text, expresses no preference: left out.
+    records = [
+        PreferenceRecord(prompt, chosen, [{"role": "assistant", "content": text}], origin)
+        for style, text in sorted(responses.items())
+        if style != prefer and text.strip() and text != responses[prefer]
+    ]
+    return records
+
+
+def parse_record(obj: Any, origin: str, prefer: str | None = None) -> list[PreferenceRecord]:
+    """Normalise one raw record (any accepted layout) into PreferenceRecords.
+
+    Raises :class:`DataError` with ``origin`` and the reason if the record is malformed.
+    """
+    try:
+        if not isinstance(obj, dict):
+            raise ValueError(f"a record must be a JSON object, got {type(obj).__name__}")
+        if "responses" in obj and "query" in obj:
+            records = _from_multi_response(obj, origin, prefer)
+        elif "text" in obj:
+            records = [_from_scored(obj, origin)]
+        elif "chosen" in obj and "rejected" in obj:
+            records = [_from_explicit(obj, origin) if "prompt" in obj else _from_pair(obj["chosen"], obj["rejected"], origin)]
+        else:
+            raise ValueError(
+                f"unrecognised record with fields {sorted(obj)}; expected prompt/chosen/rejected, "
+                "chosen/rejected, text/score, or query/responses"
+            )
+        for rec in records:
+            if rec.chosen == rec.rejected:
+                raise ValueError("chosen and rejected are identical")
+    except DataError:
+        raise
+    except ValueError as exc:
+        raise DataError(f"{origin}: {exc}") from None
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources → raw records with origins
+
+
+def _decode(raw: bytes, where: str, unit: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start} of the {unit})") from None
+
+
+def _raw_from_file(path: Path) -> Iterator[tuple[Any, str, str | None]]:
+    """(record, origin, error) per record; a line that is not a JSON object comes with its error
+    so the caller can stop or skip it."""
+    inner_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            if inner_suffix == ".json":
+                try:
+                    data = json.loads(_decode(handle.read(), str(path), "file"))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+                if isinstance(data, dict):  # {"data": [...]} or a single record
+                    data = data.get("data", [data])
+                if not isinstance(data, list):
+                    raise DataError(f"{path}: expected a JSON list of records")
+                for i, obj in enumerate(data):
+                    yield obj, f"{path}[{i}]", None
+                return
+            for lineno, raw in enumerate(handle, start=1):
+                origin = f"{path}:{lineno}"
+                try:
+                    line = _decode(raw, origin, "line")
+                    if not line.strip():
+                        continue
+                    yield json.loads(line), origin, None
+                except json.JSONDecodeError as exc:
+                    yield None, origin, f"{origin}: invalid JSON ({exc.msg})"
+                except DataError as exc:
+                    yield None, origin, str(exc)
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise DataError(f"{path}: broken gzip file ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+
+
+def _raw_from_datasets(name: str, split: str) -> Iterator[tuple[Any, str, str | None]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{name}: not a file, and reading a datasets source needs `pip install datasets`") from None
+    try:
+        rows = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types; the message is what matters
+        raise DataError(f"{name}: could not load with datasets.load_dataset ({exc})") from None
+    for i, row in enumerate(rows):
+        yield dict(row), f"{name}[{split}][{i}]", None
+
+
+def read_records(
+    source: str | Path | Iterable[dict[str, Any]],
+    *,
+    prefer: str | None = None,
+    split: str = "train",
+    skip_invalid: bool = False,
+) -> LoadReport:
+    """Read preference records from a file, a ``datasets`` source name, or an iterable of dicts."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_file():
+            raw: Iterable[tuple[Any, str, str | None]] = _raw_from_file(path)
+        elif path.suffix in (".json", ".jsonl", ".gz") or path.exists():
+            raise DataError(f"{path}: no such data file")
+        else:
+            raw = _raw_from_datasets(str(source), split)
+    else:
+        raw = ((obj, f"<records>[{i}]", None) for i, obj in enumerate(source))
+    report = LoadReport(records=[])
+    for obj, origin, error in raw:
+        try:
+            if error is not None:
+                raise DataError(error)
+            records = parse_record(obj, origin, prefer)
+        except DataError as exc:
+            if not skip_invalid:
+                raise
+            report.skipped.append(str(exc))
+            continue
+        if not records:  # a multi-response record whose other responses are all empty or equal
+            report.skipped.append(f"{origin}: no response differs from the preferred one")
+        report.records.extend(records)
+    if not report.records:
+        raise DataError(f"{source}: no usable preference records" + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
+    return report
+
+
+def split_by_prompt(
+    records: list[PreferenceRecord], eval_fraction: float, seed: int = 0
+) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+    """Split into (train, eval) so that no prompt appears in both.
+
+    Several pairs often share a prompt (DSP has four per query); splitting pairs would leak
+    prompts into evaluation. Prompts are shuffled with ``seed`` and the last ``eval_fraction``
+    of them go to evaluation.
+    """
+    if not 0.0 < eval_fraction < 1.0:
+        raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    keys = sorted({r.prompt_key for r in records}, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
+    random.Random(seed).shuffle(keys)
+    n_eval = max(1, round(len(keys) * eval_fraction))
+    if n_eval >= len(keys):
+        raise DataError(f"only {len(keys)} distinct prompt(s): too few to hold some out for evaluation")
+    eval_keys = set(keys[len(keys) - n_eval :])
+    train = [r for r in records if r.prompt_key not in eval_keys]
+    held_out = [r for r in records if r.prompt_key in eval_keys]
+    return train, held_out

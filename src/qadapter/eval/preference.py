@@ -1,0 +1,79 @@
+"""Held-out preference accuracy of the implicit reward R = Σ r₂ (arXiv 2407.03856 Eq. 9)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from .. import objective
+from ..collate import TokenizedPair, collate_pairs, prompt_grouped_batches
+from ..hardware import MixedPrecision, autocast
+
+
+@dataclass
+class PreferenceEval:
+    accuracy: float  # chosen ranked above rejected; ties (|margin| <= 1e-3 nats) count 1/2
+    n_pairs: int
+    ties: int
+    margin_mean: float  # mean R(chosen) − R(rejected)
+    loss: float  # mean Bradley–Terry + β·penalty
+    chosen_reward_mean: float
+    rejected_reward_mean: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate_preferences(
+    qmodel: Any,
+    pairs: list[TokenizedPair],
+    *,
+    batch_size: int = 8,
+    precision: MixedPrecision = "no",
+    on_batch: Callable[[int], None] | None = None,
+) -> PreferenceEval:
+    """Score every pair with the current adapter; ``on_batch(n_pairs)`` reports progress."""
+    cfg = qmodel.config
+    was_training = qmodel.peft_model.training
+    qmodel.peft_model.eval()
+    results: list[objective.PairObjective] = []
+    try:
+        for index in prompt_grouped_batches(pairs, batch_size):
+            batch = collate_pairs([pairs[i] for i in index], qmodel.tokenizer.pad_token_id).to(qmodel.device)
+            with autocast(qmodel.device, precision):
+                terms = qmodel.score(batch)
+            results.append(
+                objective.pair_objective(
+                    terms,
+                    batch.chosen_index,
+                    batch.rejected_index,
+                    gamma=cfg.gamma,
+                    beta=cfg.beta,
+                    value_state=cfg.value_state,
+                    length_normalize=cfg.length_normalize,
+                )
+            )
+            if on_batch is not None:
+                on_batch(len(index))
+    finally:
+        qmodel.peft_model.train(was_training)
+    return summarize(results)
+
+
+def summarize(results: list[objective.PairObjective]) -> PreferenceEval:
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(r, name).detach().float().cpu() for r in results])
+
+    chosen, rejected = cat("chosen_rewards"), cat("rejected_rewards")
+    return PreferenceEval(
+        accuracy=cat("accuracy").mean().item(),
+        n_pairs=chosen.numel(),
+        ties=int((cat("accuracy") == 0.5).sum().item()),
+        margin_mean=(chosen - rejected).mean().item(),
+        loss=cat("loss").mean().item(),
+        chosen_reward_mean=chosen.mean().item(),
+        rejected_reward_mean=rejected.mean().item(),
+    )

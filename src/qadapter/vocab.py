@@ -1,0 +1,110 @@
+"""The objective's per-token terms straight from final hidden states, never materialising (b, T, V).
+
+For a model whose logits are a bias-free linear map of the final hidden state, logits = W h:
+
+    residual Q:  Q = W(h_a − h_b)          raw Q:  Q = W h_a
+    log π₁      = W h_b − lse(W h_b)
+    combined    (Q + α₀ log π₁)/α̃ = W h_c / α̃ − α₀ lse(W h_b)/α̃,
+                with h_c = h_a + (α₀ − 1) h_b (residual) or h_a + α₀ h_b (raw)
+    V           = α̃ · lse(W h_c / α̃) − α₀ · lse(W h_b)
+    log π̃(a)   = w_a·h_c / α̃ − lse(W h_c / α̃)
+
+so a training step needs two vocabulary reductions (one without gradient) and dot products with
+the rows w_a of the taken actions: no full-vocabulary log-softmax, no (b, T, V) float32 tensors.
+The reductions run in row chunks, and the backward pass recomputes each chunk's logits instead
+of storing them. Only torch is imported; :func:`qadapter.objective.token_terms` is the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .objective import QForm, TokenTerms
+
+
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """lse(scale · W h) per row, (N, d) × (V, d) → (N,), holding one (chunk, V) block at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for i in range(0, hidden.shape[0], chunk):
+            logits = hidden[i : i + chunk].float() @ weight.float().T  # (c, V)
+            out[i : i + chunk] = torch.logsumexp(logits.mul_(scale), dim=-1)
+        ctx.save_for_backward(hidden, weight, out)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, out = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        w = weight.float()
+        grad_h = torch.empty_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        for i in range(0, hidden.shape[0], chunk):
+            h = hidden[i : i + chunk].float()  # (c, d)
+            # d lse / d logits = softmax; recompute it rather than keep (N, V) alive since forward
+            probs = torch.exp((h @ w.T).mul_(scale).sub_(out[i : i + chunk, None]))  # (c, V)
+            probs.mul_((grad_out[i : i + chunk] * scale)[:, None])
+            if grad_h is not None:
+                grad_h[i : i + chunk] = probs @ w  # (c, d)
+            if grad_w is not None:
+                grad_w += probs.T @ h  # (V, d)
+        return (
+            grad_h.to(hidden.dtype) if grad_h is not None else None,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            None,
+            None,
+        )
+
+
+def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, chunk: int = 256) -> torch.Tensor:
+    """log Σ_v exp(scale · w_v·h) for each row of ``hidden``: (N, d), (V, d) → (N,), in float32."""
+    return _ChunkedLogSumExp.apply(hidden, weight, scale, chunk)
+
+
+def token_terms_from_hidden(
+    h_adapter: torch.Tensor,
+    h_base: torch.Tensor,
+    weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    q_form: QForm,
+    alpha_0: float,
+    alpha_tilde: float,
+    chunk: int = 256,
+) -> TokenTerms:
+    """:func:`qadapter.objective.token_terms` for logits = W h, from hidden states (b, T, d).
+
+    Vocabulary reductions run only where an action is scored (``completion_mask[:, 1:]``); the
+    other positions get 0, which the objective masks anyway.
+    """
+    if q_form not in ("residual", "raw"):
+        raise ValueError(f"q_form must be 'residual' or 'raw', got {q_form!r}")
+    action_mask = completion_mask[:, 1:].bool()  # (b, T-1)
+    rows = action_mask.nonzero(as_tuple=True)  # the scored (sequence, position) pairs
+    h_a = h_adapter[:, :-1][rows].float()  # (N, d)
+    h_b = h_base[:, :-1][rows].detach().float()  # (N, d)
+    w_a = weight[input_ids[:, 1:][rows]].float()  # (N, d): output rows of the taken actions
+    h_c = h_a + ((alpha_0 - 1.0) if q_form == "residual" else alpha_0) * h_b  # (N, d)
+    with torch.no_grad():
+        lse_b = chunked_logsumexp(h_b, weight, 1.0, chunk)  # (N,)
+    lse_c = chunked_logsumexp(h_c, weight, 1.0 / alpha_tilde, chunk)  # (N,)
+    q_taken = (w_a * (h_a - h_b if q_form == "residual" else h_a)).sum(-1)  # (N,)
+    base_logp = (w_a * h_b).sum(-1) - lse_b
+    values = alpha_tilde * lse_c - alpha_0 * lse_b
+    policy_logp = (w_a * h_c).sum(-1) / alpha_tilde - lse_c
+
+    def scatter(per_row: torch.Tensor) -> torch.Tensor:  # (N,) → (b, T-1), 0 where not scored
+        out = per_row.new_zeros(action_mask.shape)
+        return out.index_put(rows, per_row)
+
+    return TokenTerms(
+        q_taken=scatter(q_taken),
+        values=scatter(values),
+        base_logp=scatter(base_logp),
+        policy_logp=scatter(policy_logp),
+        action_mask=action_mask.float(),
+    )

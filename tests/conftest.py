@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny random Llama and a word-level tokenizer built locally (no network)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = (
+    "the a cat dog sat ran on mat log red blue green big small fast slow tell me about say something "
+    "good bad nice poor why how what when where is are was were and or but so very quite it this that "
+    "answer question hello there yes no maybe one two three four five six seven eight nine ten"
+).split()
+SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + ["system", "user", "assistant", "tool"] + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama + tokenizer folder, loadable by qadapter.load_base like any local model."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    build_model(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory) -> Path:
+    """Same architecture as tiny_model_dir, different weights."""
+    folder = tmp_path_factory.mktemp("tiny-llama-other")
+    tokenizer = build_tokenizer()
+    build_model(len(tokenizer), seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def marker_records(n_prompts: int, seed: int = 0, pairs_per_prompt: int = 2) -> list[dict]:
+    """Synthetic conversational pairs: the response containing 'good' beats the one containing 'bad'."""
+    rng = random.Random(seed)
+    filler = [w for w in WORDS if w not in ("good", "bad")]
+    rows = []
+    for _ in range(n_prompts):
+        prompt = " ".join(rng.choices(filler, k=rng.randint(3, 6)))
+        for _ in range(pairs_per_prompt):
+            body = rng.choices(filler, k=rng.randint(3, 6))
+            pos = rng.randrange(len(body) + 1)
+            good = body[:pos] + ["good"] + body[pos:]
+            bad = body[:pos] + ["bad"] + body[pos:]
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": " ".join(good)}],
+                    "rejected": [{"role": "assistant", "content": " ".join(bad)}],
+                }
+            )
+    return rows

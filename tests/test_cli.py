@@ -1,0 +1,79 @@
+"""The command line on a tiny model: train → info → generate, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from qadapter.cli import app
+
+from conftest import marker_records
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in marker_records(20)) + "\n")
+    return path
+
+
+def test_help_lists_commands():
+    """`qadapter --help` shows every command; config options carry the dataclass help text."""
+    runner = CliRunner()
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "generate", "info"):
+        assert command in result.output
+    train_help = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "--alpha-0" in train_help and "larger keeps the model closer to the base" in train_help.lower()
+
+
+def test_train_info_generate(tiny_model_dir, data_file, tmp_path):
+    """A short run writes adapter + metrics; info shows them; generate prints base and customized answers."""
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        ["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--output", str(out), "--max-steps", "2",
+         "--batch-size", "4", "--micro-batch-size", "2", "--no-progress", "--alpha-0", "0.5"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "held-out preference accuracy" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["config"]["alpha_0"] == 0.5 and metrics["n_eval_pairs"] > 0
+    info = runner.invoke(app, ["info", str(out)], env={"COLUMNS": "200"})
+    assert info.exit_code == 0 and "alpha_0" in info.output and "pref_accuracy_after" in info.output
+    gen = runner.invoke(app, ["generate", "--adapter", str(out), "--compare", "--max-new-tokens", "4", "--alpha-0", "2", "hello there"], env={"COLUMNS": "200"})
+    assert gen.exit_code == 0, gen.output
+    assert "base" in gen.output and "α₀=2" in gen.output
+
+
+def test_existing_output_is_refused(tiny_model_dir, data_file, tmp_path):
+    """A second run into the same folder stops with a message naming --resume / --overwrite."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--output", str(tmp_path / "run"), "--no-progress"])
+    assert result.exit_code != 0 and "--overwrite" in str(result.exception)
+
+
+def test_bad_input_is_one_line(tmp_path):
+    """A malformed data file ends the process with exit 2 and one line naming file and line, no traceback."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": 1}\n')
+    env = {**os.environ, "COLUMNS": "300"}
+    env.pop("QADAPTER_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "qadapter", "train", "--data", str(bad), "--output", str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert f"{bad}:2:" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_option_value_names_the_field(tmp_path, data_file):
+    """An out-of-range setting is reported with the field name before anything is loaded."""
+    proc = subprocess.run([sys.executable, "-m", "qadapter", "train", "--data", str(data_file), "--alpha-0", "-1", "--output", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "alpha_0 must be > 0" in proc.stderr
