@@ -86,7 +86,7 @@ def test_implicit_prompt_message_lists_split_shared_turns():
     [
         ([user("a")], [user("b")], "share no opening turn"),
         ([user("a"), assistant("b"), assistant("c")], [user("a"), assistant("b"), assistant("d")], "must end with a user turn"),
-        ([user("a"), user("b")], [user("a"), assistant("c")], "continue the prompt with an assistant turn"),
+        ([user("a"), user("b")], [user("a"), assistant("c")], "must start with an assistant turn"),
         ([user("a"), assistant("  ")], [user("a"), assistant("c")], "the chosen response is empty"),
         ([user("a"), assistant("c")], [user("a"), assistant("")], "the rejected response is empty"),
     ],

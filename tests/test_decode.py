@@ -31,16 +31,19 @@ def _recomputed_logits(qmodel, ids, mask, alpha_0, alpha_tilde):
     return objective.combined_logits(q[:, -1], base_logprobs[:, -1], alpha_0, alpha_tilde)
 
 
-def test_cached_greedy_equals_recomputation(qmodel):
-    """Greedy decoding with two KV caches picks, at every step, the argmax of the from-scratch customized logits."""
+@pytest.mark.parametrize("q_form,alpha_0,alpha_tilde", [("residual", 0.5, 1.5), ("residual", 1.0, 1.5), ("raw", 0.5, 1.0)])
+def test_cached_greedy_equals_recomputation(qmodel, q_form, alpha_0, alpha_tilde):
+    """Greedy decoding (one batched forward, one KV cache; a single pass at residual α₀ = 1) picks, at every
+    step, the argmax of the customized logits recomputed from scratch with two separate passes."""
+    qmodel.config = qmodel.config.replace(q_form=q_form)
     prompts = ["tell me about the cat", "why is the dog so big and red"]
     ids, mask = encode_prompts(qmodel.tokenizer, prompts)
-    out = generate_ids(qmodel, ids, mask, DecodeConfig(max_new_tokens=6))
+    out = generate_ids(qmodel, ids, mask, DecodeConfig(max_new_tokens=6, alpha_0=alpha_0, alpha_tilde=alpha_tilde))
     with torch.no_grad():
         for step in range(out.shape[1]):
             full = torch.cat([ids, out[:, :step]], 1)
             full_mask = torch.cat([mask, torch.ones(ids.shape[0], step, dtype=torch.long)], 1)
-            logits = _recomputed_logits(qmodel, full, full_mask, 0.5, 1.5)
+            logits = _recomputed_logits(qmodel, full, full_mask, alpha_0, alpha_tilde)
             live = ~torch.isin(out[:, :step], torch.tensor([qmodel.tokenizer.eos_token_id])).any(1)
             assert torch.equal(logits.argmax(-1)[live], out[live, step])
 
@@ -111,3 +114,19 @@ def test_sampling_matches_distribution():
     draws = sample_next(logits, temperature=2.0, generator=g)
     freq = torch.bincount(draws, minlength=3).float() / draws.numel()
     assert_close(freq, F.softmax(torch.tensor([0.0, 1.0, 2.0]) / 2.0, -1), atol=0.02, rtol=0)
+
+
+def test_min_new_tokens_suppresses_eos(qmodel, monkeypatch):
+    """Before min_new_tokens, EOS gets probability 0 however the policy scores it."""
+    eos = qmodel.tokenizer.eos_token_id
+    seen = []
+
+    def greedy(logits, **kw):
+        seen.append(torch.isinf(logits[:, eos]).all().item())
+        return logits.argmax(-1)
+
+    monkeypatch.setattr("qadapter.decode.sample_next", greedy)
+    ids, mask = encode_prompts(qmodel.tokenizer, ["hello"])
+    out = generate_ids(qmodel, ids, mask, DecodeConfig(max_new_tokens=5, min_new_tokens=3))
+    assert seen[:3] == [True, True, True] and not any(seen[3:])
+    assert eos not in out[0, :3].tolist()

@@ -29,6 +29,7 @@ from .errors import ConfigError, ModelError
 
 QADAPTER_CONFIG = "qadapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -93,8 +94,48 @@ def read_adapter_meta(adapter_dir: str | Path) -> tuple[QAdapterConfig, dict[str
     for key in ("config", "base"):
         if not isinstance(meta.get(key), dict):
             raise ConfigError(f"{path}: field '{key}' is missing or not an object")
-    config = QAdapterConfig.from_dict(meta["config"], source=str(path))
+    try:
+        config = QAdapterConfig.from_dict(meta["config"], source=str(path))
+    except ConfigError as exc:  # range checks name the field but not the file
+        raise ConfigError(str(exc) if str(exc).startswith(f"{path}:") else f"{path}: {exc}") from None
+    except TypeError as exc:  # a value of the wrong JSON type, e.g. "alpha_0": "x"
+        raise ConfigError(f"{path}: malformed 'config' ({exc})") from None
     return config, meta["base"], str(meta.get("qadapter_version", "unknown"))
+
+
+def _saved_identity(base_meta: dict[str, Any], path: Path) -> Any:
+    """The recorded base identity, its field types checked so comparing it cannot crash."""
+    from .model import BaseIdentity
+
+    try:
+        saved = BaseIdentity.from_dict(base_meta)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: malformed 'base' ({exc})") from None
+    fingerprint = saved.fingerprint
+    checks = {
+        "name": isinstance(saved.name, str) and bool(saved.name),
+        "revision": saved.revision is None or isinstance(saved.revision, str),
+        "architecture": isinstance(saved.architecture, dict),
+        "fingerprint": isinstance(fingerprint, list)
+        and bool(fingerprint)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fingerprint),
+        "chat_template_sha256": saved.chat_template_sha256 is None or isinstance(saved.chat_template_sha256, str),
+    }
+    bad = [key for key, ok in checks.items() if not ok]
+    if bad:
+        raise ConfigError(f"{path}: malformed 'base' (wrong type or empty: {', '.join(bad)})")
+    return saved
+
+
+def _tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes from a safetensors header; a tampered file fails here, not deep in PEFT."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{path}: not a valid safetensors file ({exc})") from None
 
 
 def load_adapter(
@@ -114,19 +155,24 @@ def load_adapter(
     Weights are read from safetensors only.
     """
     from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
 
-    from .model import BaseIdentity, QAdapterModel, load_base
+    from .model import QAdapterModel, load_base
 
     adapter_dir = Path(adapter_dir)
     config, base_meta, _ = read_adapter_meta(adapter_dir)
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise ModelError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are loaded)")
-    try:
-        saved = BaseIdentity.from_dict(base_meta)
-    except TypeError as exc:
-        raise ConfigError(f"{adapter_dir / QADAPTER_CONFIG}: malformed 'base' ({exc})") from None
+    saved = _saved_identity(base_meta, adapter_dir / QADAPTER_CONFIG)
+    read_json(str(adapter_dir / ADAPTER_CONFIG), "PEFT adapter config")  # names the file if it is broken
+    shapes = _tensor_shapes(adapter_dir / ADAPTER_WEIGHTS)
     if base is None:
         base = load_base(model or saved.name, revision=None if model else _hub_revision(saved), device=device)
+    if len(saved.fingerprint) != len(base.identity.fingerprint):
+        raise ConfigError(
+            f"{adapter_dir / QADAPTER_CONFIG}: malformed 'base' (fingerprint has {len(saved.fingerprint)} values, "
+            f"expected {len(base.identity.fingerprint)})"
+        )
     problems = saved.mismatches(base.identity)
     if problems and not allow_base_mismatch:
         raise ModelError(
@@ -136,8 +182,21 @@ def load_adapter(
         )
     try:
         peft_model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=is_trainable)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelError(f"{adapter_dir}: adapter weights do not fit the base model ({exc})") from None
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:  # TypeError: mistyped adapter_config.json
+        raise ModelError(f"{adapter_dir}: adapter weights do not fit the base model ({' '.join(str(exc).split())})") from None
+    # PEFT only warns about absent tensors and leaves those LoRA weights at their initial values
+    expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise ModelError(
+            f"{adapter_dir}: {ADAPTER_WEIGHTS} lacks {len(missing)} of the {len(expected)} tensors "
+            f"{ADAPTER_CONFIG} asks for (first: {missing[0]})"
+        )
+    nonfinite = [key for key, value in expected.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if nonfinite:
+        raise ModelError(
+            f"{adapter_dir}: {ADAPTER_WEIGHTS} holds NaN or infinite values ({len(nonfinite)} tensors, first: {nonfinite[0]})"
+        )
     return QAdapterModel(peft_model, base.tokenizer, config, base.identity)
 
 

@@ -71,10 +71,18 @@ def render(record: PreferenceRecord, tokenizer: Any) -> tuple[str, str, str]:
         return record.prompt, record.chosen, record.rejected  # type: ignore[return-value]
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{record.origin}: conversational record, but the tokenizer has no chat template")
-    prompt = tokenizer.apply_chat_template(record.prompt, tokenize=False, add_generation_prompt=True)
+    from jinja2 import TemplateError
+
+    try:
+        prompt = tokenizer.apply_chat_template(record.prompt, tokenize=False, add_generation_prompt=True)
+        fulls = [
+            tokenizer.apply_chat_template(list(record.prompt) + list(turns), tokenize=False)
+            for turns in (record.chosen, record.rejected)
+        ]
+    except TemplateError as exc:  # templates raise_exception() on turn orders or roles they do not support
+        raise DataError(f"{record.origin}: the chat template refuses this conversation ({exc})") from None
     responses = []
-    for name, turns in (("chosen", record.chosen), ("rejected", record.rejected)):
-        full = tokenizer.apply_chat_template(list(record.prompt) + list(turns), tokenize=False)
+    for name, full in zip(("chosen", "rejected"), fulls):
         if not full.startswith(prompt):
             raise DataError(f"{record.origin}: the chat template does not render the {name} conversation as prompt + response")
         responses.append(full[len(prompt) :])

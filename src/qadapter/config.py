@@ -146,6 +146,7 @@ class DecodeConfig:
     """How the customized policy generates text."""
 
     max_new_tokens: int = field(default=128, metadata=_help("Tokens to generate at most, >= 1."))
+    min_new_tokens: int = field(default=0, metadata=_help("Tokens to generate before EOS may end a row, in [0, max_new_tokens]."))
     temperature: float = field(default=0.0, metadata=_help("Sampling temperature >= 0 on top of α̃; 0 is greedy."))
     top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass in (0, 1]; 1 keeps every token."))
     alpha_0: float | None = field(default=None, metadata=_help("Override α₀ at generation time (the forgetting dial)."))
@@ -155,6 +156,8 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

@@ -24,8 +24,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import random
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,14 +122,19 @@ def _split_common_prompt(chosen: list[Message], rejected: list[Message]) -> tupl
     prompt, chosen_rest, rejected_rest = chosen[:n], chosen[n:], rejected[n:]
     if not prompt:
         raise ValueError("chosen and rejected share no opening turn to use as the prompt")
+    _check_conversation(prompt, chosen_rest, rejected_rest)
+    return prompt, chosen_rest, rejected_rest
+
+
+def _check_conversation(prompt: list[Message], chosen: list[Message], rejected: list[Message]) -> None:
+    """Prompt ends with a user (or tool) turn; each response starts with an assistant turn and says something."""
     if prompt[-1]["role"] not in ("user", "tool"):
-        raise ValueError("the shared prompt must end with a user turn")
-    if chosen_rest[0]["role"] != "assistant" or rejected_rest[0]["role"] != "assistant":
-        raise ValueError("chosen and rejected must continue the prompt with an assistant turn")
-    for name, rest in (("chosen", chosen_rest), ("rejected", rejected_rest)):
+        raise ValueError(f"the prompt must end with a user turn, not {prompt[-1]['role']!r}")
+    for name, rest in (("chosen", chosen), ("rejected", rejected)):
+        if rest[0]["role"] != "assistant":
+            raise ValueError(f"'{name}' must start with an assistant turn, not {rest[0]['role']!r}")
         if not any(m["content"].strip() for m in rest):
             raise ValueError(f"the {name} response is empty")
-    return prompt, chosen_rest, rejected_rest
 
 
 def _conversation(value: Any, what: str) -> list[Message]:
@@ -155,6 +162,7 @@ def _from_explicit(obj: dict[str, Any], origin: str) -> PreferenceRecord:
             [{"role": "assistant", "content": _check_text(obj[k], k)}] if isinstance(obj[k], str) else _check_messages(obj[k], k)
             for k in ("chosen", "rejected")
         )
+        _check_conversation(prompt, chosen, rejected)
         return PreferenceRecord(prompt, chosen, rejected, origin)
     prompt = _check_text(prompt, "prompt")
     for key in ("chosen", "rejected"):
@@ -167,7 +175,9 @@ def _from_scored(obj: dict[str, Any], origin: str) -> PreferenceRecord:
     text, score = obj["text"], obj.get("score", [1.0, 0.0])
     if not (isinstance(text, list) and len(text) == 2 and isinstance(score, list) and len(score) == 2):
         raise ValueError("'text' and 'score' must be lists of two")
-    if not all(isinstance(s, (int, float)) for s in score) or score[0] == score[1]:
+    # bool is an int subclass and json reads NaN/Infinity: neither orders a pair (isfinite overflows on huge ints)
+    numbers = all((isinstance(s, int) and not isinstance(s, bool)) or (isinstance(s, float) and math.isfinite(s)) for s in score)
+    if not numbers or score[0] == score[1]:
         raise ValueError("'score' must hold two different numbers")
     better, worse = (text[0], text[1]) if score[0] > score[1] else (text[1], text[0])
     return _from_pair(better, worse, origin)
@@ -195,6 +205,14 @@ def _from_multi_response(obj: dict[str, Any], origin: str, prefer: str | None) -
     return records
 
 
+def _check_unicode(rec: PreferenceRecord) -> None:
+    # json reads "\ud800" escapes into strings that tokenizers and hashing cannot encode
+    try:
+        json.dumps([rec.prompt, rec.chosen, rec.rejected], ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text holds an unpaired surrogate (a '\\ud800'-style escape), which is not valid Unicode") from None
+
+
 def parse_record(obj: Any, origin: str, prefer: str | None = None) -> list[PreferenceRecord]:
     """Normalise one raw record (any accepted layout) into PreferenceRecords.
 
@@ -217,6 +235,7 @@ def parse_record(obj: Any, origin: str, prefer: str | None = None) -> list[Prefe
         for rec in records:
             if rec.chosen == rec.rejected:
                 raise ValueError("chosen and rejected are identical")
+            _check_unicode(rec)
     except DataError:
         raise
     except ValueError as exc:
@@ -247,6 +266,10 @@ def _raw_from_file(path: Path) -> Iterator[tuple[Any, str, str | None]]:
                     data = json.loads(_decode(handle.read(), str(path), "file"))
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+                except DataError:
+                    raise
+                except (ValueError, RecursionError) as exc:  # an integer over 4300 digits, nesting too deep
+                    raise DataError(f"{path}: invalid JSON ({exc})") from None
                 if isinstance(data, dict):  # {"data": [...]} or a single record
                     data = data.get("data", [data])
                 if not isinstance(data, list):
@@ -265,7 +288,9 @@ def _raw_from_file(path: Path) -> Iterator[tuple[Any, str, str | None]]:
                     yield None, origin, f"{origin}: invalid JSON ({exc.msg})"
                 except DataError as exc:
                     yield None, origin, str(exc)
-    except (gzip.BadGzipFile, EOFError) as exc:
+                except (ValueError, RecursionError) as exc:  # an integer over 4300 digits, nesting too deep
+                    yield None, origin, f"{origin}: invalid JSON ({exc})"
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: broken gzip file ({exc})") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None

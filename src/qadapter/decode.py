@@ -44,25 +44,57 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool = True)
     return ids, mask
 
 
-class _TwoPass:
-    """The adapted and the base model stepping together, each with its own KV cache."""
+class _Passes:
+    """Adapted and base rows stepping through ONE forward with ONE KV cache.
 
-    def __init__(self, qmodel: Any, policy: Policy) -> None:
+    The batch is [adapted rows; base rows] and PEFT's mixed-batch LoRA (``adapter_names``, with
+    ``"__base__"`` for the base rows) applies the adapter to the first half only, so both passes
+    share every weight read: decoding a small batch costs about one pass, not two. Where the
+    customized policy needs a single pass (the base alone, or the residual form at α₀ = 1, where
+    π̃ = softmax(adapted logits / α̃)) only that pass runs.
+    """
+
+    def __init__(self, qmodel: Any, rows: int, policy: Policy, alpha_0: float) -> None:
         self.model = qmodel.peft_model
-        self.policy = policy
-        self.cache: dict[str, Any] = {"adapter": None, "base": None}
+        self.rows = rows
+        adapter = self.model.active_adapter
+        if policy == "base":
+            self.names = ["__base__"] * rows
+        elif qmodel.config.q_form == "residual" and alpha_0 == 1.0:
+            self.names = [adapter] * rows
+        else:
+            self.names = [adapter] * rows + ["__base__"] * rows
+        self.cache: Any = None
 
-    def _forward(self, which: str, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache[which], use_cache=True)
-        self.cache[which] = out.past_key_values
-        return out.logits[:, -1].float()  # (b, V): only the last position is needed
+    def step(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Feed new tokens (b, t); return (adapted logits, base logits) at the last position, (b, V) each or None."""
+        copies = len(self.names) // self.rows
+        out = self.model(
+            input_ids=ids.repeat(copies, 1),
+            attention_mask=mask.repeat(copies, 1),
+            position_ids=pos.repeat(copies, 1),
+            past_key_values=self.cache,
+            use_cache=True,
+            adapter_names=self.names,
+            logits_to_keep=1,
+        )
+        self.cache = out.past_key_values
+        logits = out.logits[:, -1].float()  # (copies·b, V)
+        if copies == 2:
+            return logits[: self.rows], logits[self.rows :]
+        return (None, logits) if self.names[0] == "__base__" else (logits, None)
 
-    def step(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Feed new tokens; return (adapter logits or None, base logits) at the last position."""
-        with self.model.disable_adapter():
-            base = self._forward("base", ids, mask, pos)
-        adapter = None if self.policy == "base" else self._forward("adapter", ids, mask, pos)
-        return adapter, base
+
+def customized_logits(
+    adapter_logits: torch.Tensor | None, base_logits: torch.Tensor | None, q_form: str, alpha_0: float, alpha_tilde: float
+) -> torch.Tensor:
+    """Next-token logits of the customized policy from whichever passes ran, (b, V) → (b, V)."""
+    if adapter_logits is None:
+        return base_logits  # type: ignore[return-value]  # the base policy alone
+    if base_logits is None:  # residual form at α₀ = 1: (a − b + log softmax(b))/α̃ = a/α̃ − const
+        return adapter_logits / alpha_tilde
+    q = objective.q_values(adapter_logits, base_logits, q_form)  # type: ignore[arg-type]
+    return objective.combined_logits(q, F.log_softmax(base_logits, -1), alpha_0, alpha_tilde)
 
 
 @torch.no_grad()
@@ -86,7 +118,7 @@ def generate_ids(
 
     ids, mask = input_ids.to(device), attention_mask.to(device)
     pos = position_ids(mask)  # (b, T)
-    passes = _TwoPass(qmodel, policy)
+    passes = _Passes(qmodel, ids.shape[0], policy, alpha_0)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     new_tokens = []
     was_training = qmodel.peft_model.training
@@ -94,12 +126,10 @@ def generate_ids(
     try:
         with autocast(device, choose_mixed_precision(device)):
             adapter_logits, base_logits = passes.step(ids, mask, pos)
-            for _ in range(config.max_new_tokens):
-                if adapter_logits is None:  # the base policy alone
-                    logits = base_logits
-                else:
-                    q = objective.q_values(adapter_logits, base_logits, qmodel.config.q_form)  # (b, V)
-                    logits = objective.combined_logits(q, F.log_softmax(base_logits, -1), alpha_0, alpha_tilde)  # (b, V)
+            for step in range(config.max_new_tokens):
+                logits = customized_logits(adapter_logits, base_logits, qmodel.config.q_form, alpha_0, alpha_tilde)  # (b, V)
+                if step < config.min_new_tokens:
+                    logits = logits.index_fill(-1, eos_tensor, float("-inf"))
                 token = sample_next(logits, temperature=config.temperature, top_p=config.top_p, generator=generator)  # (b,)
                 token = token.masked_fill(finished, tokenizer.pad_token_id)
                 new_tokens.append(token)
