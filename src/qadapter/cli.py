@@ -97,13 +97,16 @@ def train(
     on_nonfinite: Annotated[str, typer.Option(help="On a NaN/inf loss or gradient: 'skip' the update or 'stop' the run.")] = "skip",
     mixed_precision: Annotated[str, typer.Option(help="'auto' (bf16 only where the hardware has it), 'no', 'bf16' or 'fp16'.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    num_processes: Annotated[int, typer.Option(help="Data-parallel processes on this machine (runs `accelerate launch` for you).")] = 1,
     **options: Any,
 ) -> None:
     """Train a Q-Adapter on preference pairs and report held-out preference accuracy before and after."""
+    config = pick(QAdapterConfig, options)
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_relaunch(num_processes))
     from .data import read_records, split_by_prompt
     from .train import TrainingInterrupted, train as run_training
 
-    config = pick(QAdapterConfig, options)
     console = _console()
     if data is None:
         data, prefer = str(shared_data_dir() / DEFAULT_DATA), prefer or DEFAULT_PREFER
@@ -140,6 +143,20 @@ def train(
         f"on {m['n_eval_pairs']} pairs; training took {m['train_seconds'] / 60:.1f} min\n"
         f"adapter: {result.adapter_dir}   metrics: {output / 'metrics.json'}"
     )
+
+
+def _relaunch(num_processes: int) -> int:
+    """Run this same command under `accelerate launch` with ``num_processes`` workers; return its exit code."""
+    import subprocess
+
+    args, rest = [], iter(sys.argv[1:])
+    for arg in rest:  # the same command minus --num-processes N / --num-processes=N
+        if arg == "--num-processes":
+            next(rest, None)
+        elif not arg.startswith("--num-processes="):
+            args.append(arg)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes)]
+    return subprocess.call([*launcher, "-m", "qadapter", *args])
 
 
 def _limit(records: list, max_pairs: int | None) -> list:

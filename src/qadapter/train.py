@@ -139,7 +139,8 @@ def train(
     if on_nonfinite not in ("skip", "stop"):
         raise ConfigError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
     output = Path(output_dir)
-    world = PartialState().num_processes
+    on_cpu = default_device().type == "cpu"
+    world = PartialState(cpu=on_cpu).num_processes  # cpu=True: several CPU processes use gloo
     micro_per_step = config.batch_size // config.micro_batch_size
     if micro_per_step % world:
         raise ConfigError(
@@ -147,8 +148,10 @@ def train(
         )
     accum = micro_per_step // world  # micro-batches each process accumulates per optimizer step
     precision = choose_mixed_precision(default_device(), mixed_precision)
-    accelerator = Accelerator(mixed_precision=precision, cpu=default_device().type == "cpu")
+    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu, gradient_accumulation_steps=accum)
     is_main = accelerator.is_main_process
+    if not is_main:  # only rank 0 talks, writes checkpoints and reports
+        log = lambda message: None  # noqa: E731
     resume_from = _prepare_output(output, resume, overwrite) if is_main else None
     resume_from = _broadcast(resume_from, accelerator)
     set_seed(config.seed)
@@ -238,11 +241,11 @@ def train(
             epoch, k = divmod(state["step"], steps_per_epoch)
             batches = epoch_batches(epoch)[k * micro_per_step : (k + 1) * micro_per_step][accelerator.process_index :: world]
             finite = True
-            for i, index in enumerate(batches):
+            for index in batches:
                 batch = collate_pairs([train_pairs[j] for j in index], qmodel.tokenizer.pad_token_id).to(accelerator.device)
-                # Gradients are reduced across processes only on the last micro-batch of a step.
-                sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(module)
-                with sync, accelerator.autocast():
+                # accumulate(): gradients are reduced across processes, and the optimizer steps, only on
+                # the last of the `accum` micro-batches; backward() scales the loss by 1/accum.
+                with accelerator.accumulate(module), accelerator.autocast():
                     terms = qmodel.score(batch, module=module)
                     out = objective.pair_objective(
                         terms,
@@ -255,19 +258,20 @@ def train(
                     )
                     loss = out.loss.mean()
                     finite &= bool(torch.isfinite(loss))  # a CPU-GPU sync point, once per micro-batch
-                    accelerator.backward(loss / len(batches))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                        finite &= grad_norm is None or bool(torch.isfinite(grad_norm))  # DeepSpeed clips itself
+                        if finite:
+                            optimizer.step()
+                        elif on_nonfinite == "stop":
+                            raise NonFiniteLoss(f"non-finite loss or gradient at step {state['step'] + 1}; no update was applied")
+                        optimizer.zero_grad(set_to_none=True)  # free gradient memory before the next forward
                 window.append(out)
-            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            finite &= bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-            else:
-                if on_nonfinite == "stop":
-                    raise NonFiniteLoss(f"non-finite loss or gradient at step {state['step'] + 1}; no update was applied")
+            if not finite:
                 state["skipped_steps"] += 1
                 log(f"step {state['step'] + 1}: non-finite loss or gradient, update skipped")
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)  # free gradient memory before the next forward
             state["step"] += 1
             state["train_seconds"] += time.perf_counter() - step_started
             if state["step"] == first_step + 2:  # the first step pays warm-up costs; estimate from the second
