@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -150,13 +151,21 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, padding_side: s
         completion_mask = [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
         chosen_index = [0], rejected_index = [1]
     """
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     rows: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
     chosen_index, rejected_index = [], []
     for pair in pairs:
         for response, index in ((pair.chosen, chosen_index), (pair.rejected, rejected_index)):
             index.append(rows.setdefault((pair.prompt, response), len(rows)))
+    ids, attention, completion = pad_rows(list(rows), pad_token_id, padding_side)
+    return PreferenceBatch(ids, attention, completion, torch.tensor(chosen_index), torch.tensor(rejected_index))
+
+
+def pad_rows(
+    rows: list[tuple[Sequence[int], Sequence[int]]], pad_token_id: int, padding_side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt, response) id rows → padded (input_ids, attention_mask, completion_mask), each (n, T)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     width = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -164,10 +173,10 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, padding_side: s
     for row, (prompt, response) in enumerate(rows):
         n = len(prompt) + len(response)
         start = 0 if padding_side == "right" else width - n
-        ids[row, start : start + n] = torch.tensor(prompt + response)
+        ids[row, start : start + n] = torch.tensor(list(prompt) + list(response))
         attention[row, start : start + n] = 1
         completion[row, start + len(prompt) : start + n] = 1
-    return PreferenceBatch(ids, attention, completion, torch.tensor(chosen_index), torch.tensor(rejected_index))
+    return ids, attention, completion
 
 
 def prompt_grouped_batches(pairs: list[TokenizedPair], batch_size: int, seed: int | None = None) -> list[list[int]]:

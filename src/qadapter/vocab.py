@@ -108,3 +108,28 @@ def token_terms_from_hidden(
         policy_logp=scatter(policy_logp),
         action_mask=action_mask.float(),
     )
+
+
+@torch.no_grad()
+def kl_from_hidden(
+    h_adapter: torch.Tensor,
+    h_base: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    q_form: QForm,
+    alpha_0: float,
+    alpha_tilde: float,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """:func:`qadapter.objective.kl_to_base` for logits = W h, row by row: (N, d), (N, d) → (N,).
+
+    log π̃ = W h_c / α̃ − lse(W h_c / α̃) (the α₀ lse(W h_b) term is a per-state constant), log π₁ = log softmax(W h_b).
+    """
+    h_c = h_adapter.float() + ((alpha_0 - 1.0) if q_form == "residual" else alpha_0) * h_base.float()  # (N, d)
+    w = weight.float()
+    out = torch.empty(h_c.shape[0], dtype=torch.float32, device=h_c.device)
+    for i in range(0, h_c.shape[0], chunk):
+        log_policy = torch.log_softmax(h_c[i : i + chunk] @ w.T / alpha_tilde, dim=-1)  # (c, V)
+        log_base = torch.log_softmax(h_base[i : i + chunk].float() @ w.T, dim=-1)  # (c, V)
+        out[i : i + chunk] = (log_policy.exp() * (log_policy - log_base)).sum(-1)
+    return out
