@@ -75,18 +75,18 @@ def other_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def marker_records(n_prompts: int, seed: int = 0, pairs_per_prompt: int = 2) -> list[dict]:
-    """Synthetic conversational pairs: the response containing 'good' beats the one containing 'bad'."""
+def marker_records(n_prompts: int, seed: int = 0, pairs_per_prompt: int = 2, chosen: str = "good", rejected: str = "bad") -> list[dict]:
+    """Synthetic conversational pairs: the response containing ``chosen`` beats the same response with ``rejected`` instead."""
     rng = random.Random(seed)
-    filler = [w for w in WORDS if w not in ("good", "bad")]
+    filler = [w for w in WORDS if w not in (chosen, rejected)]
     rows = []
     for _ in range(n_prompts):
         prompt = " ".join(rng.choices(filler, k=rng.randint(3, 6)))
         for _ in range(pairs_per_prompt):
             body = rng.choices(filler, k=rng.randint(3, 6))
             pos = rng.randrange(len(body) + 1)
-            good = body[:pos] + ["good"] + body[pos:]
-            bad = body[:pos] + ["bad"] + body[pos:]
+            good = body[:pos] + [chosen] + body[pos:]
+            bad = body[:pos] + [rejected] + body[pos:]
             rows.append(
                 {
                     "prompt": [{"role": "user", "content": prompt}],
@@ -95,3 +95,18 @@ def marker_records(n_prompts: int, seed: int = 0, pairs_per_prompt: int = 2) -> 
                 }
             )
     return rows
+
+
+def random_adapter(model_dir: Path, folder: Path, q_form: str = "residual", seed: int = 0) -> Path:
+    """Save an adapter on ``model_dir`` with random non-zero LoRA weights (a fresh one has Q ≡ 0)."""
+    from qadapter.config import QAdapterConfig
+    from qadapter.model import QAdapterModel, load_base
+
+    qm = QAdapterModel.create(load_base(str(model_dir), device="cpu"), QAdapterConfig(q_form=q_form, lora_dropout=0.0, seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in qm.peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    qm.save_pretrained(folder)
+    return folder

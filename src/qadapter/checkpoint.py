@@ -16,21 +16,23 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
-from .config import QAdapterConfig, read_json
+from .config import ADAPTER_NAME, QAdapterConfig, read_json
 from .errors import ConfigError, ModelError
 
 QADAPTER_CONFIG = "qadapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.pt"
+RESERVED_NAMES = ("base", "__base__")  # the server's model id of the base; PEFT's name for "no adapter"
 
 
 @contextmanager
@@ -138,6 +140,71 @@ def _tensor_shapes(path: Path) -> dict[str, list[int]]:
         raise ModelError(f"{path}: not a valid safetensors file ({exc})") from None
 
 
+@dataclass
+class _AdapterFiles:
+    """An adapter folder's contents, read and validated before any model is touched."""
+
+    folder: Path
+    config: QAdapterConfig
+    saved: Any  # the BaseIdentity recorded at training time
+    shapes: dict[str, list[int]]
+
+
+def _read_adapter(adapter_dir: str | Path) -> _AdapterFiles:
+    folder = Path(adapter_dir)
+    config, base_meta, _ = read_adapter_meta(folder)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are loaded)")
+    saved = _saved_identity(base_meta, folder / QADAPTER_CONFIG)
+    read_json(str(folder / ADAPTER_CONFIG), "PEFT adapter config")  # names the file if it is broken
+    return _AdapterFiles(folder, config, saved, _tensor_shapes(folder / ADAPTER_WEIGHTS))
+
+
+def _check_base(files: _AdapterFiles, base: Any, allow_base_mismatch: bool) -> None:
+    """Refuse a base whose architecture, weights or chat template differ from the recorded one."""
+    if len(files.saved.fingerprint) != len(base.identity.fingerprint):
+        raise ConfigError(
+            f"{files.folder / QADAPTER_CONFIG}: malformed 'base' (fingerprint has {len(files.saved.fingerprint)} values, "
+            f"expected {len(base.identity.fingerprint)})"
+        )
+    problems = files.saved.mismatches(base.identity)
+    if problems and not allow_base_mismatch:
+        raise ModelError(
+            f"{files.folder} was trained on a different base model ({files.saved.name}): "
+            + "; ".join(problems)
+            + ". Load the matching base, or pass allow_base_mismatch=True (--allow-base-mismatch) if you know why."
+        )
+
+
+def _attach(model: Any, files: _AdapterFiles, name: str, is_trainable: bool) -> Any:
+    """Load the adapter as ``name`` onto ``model`` (a PeftModel, or a plain base that becomes one);
+    refuse weights PEFT would silently leave missing, and NaN/inf weights."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(files.folder), adapter_name=name, is_trainable=is_trainable)
+        else:
+            model = PeftModel.from_pretrained(model, str(files.folder), adapter_name=name, is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:  # TypeError: mistyped adapter_config.json
+        raise ModelError(f"{files.folder}: adapter weights do not fit the base model ({' '.join(str(exc).split())})") from None
+    # PEFT only warns about absent tensors and leaves those LoRA weights at their initial values
+    expected = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+    missing = sorted(set(expected) - set(files.shapes))
+    if missing:
+        raise ModelError(
+            f"{files.folder}: {ADAPTER_WEIGHTS} lacks {len(missing)} of the {len(expected)} tensors "
+            f"{ADAPTER_CONFIG} asks for (first: {missing[0]})"
+        )
+    nonfinite = [key for key, value in expected.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if nonfinite:
+        raise ModelError(
+            f"{files.folder}: {ADAPTER_WEIGHTS} holds NaN or infinite values ({len(nonfinite)} tensors, first: {nonfinite[0]})"
+        )
+    return model
+
+
 def load_adapter(
     adapter_dir: str | Path,
     base: Any = None,
@@ -154,50 +221,58 @@ def load_adapter(
     architecture, weights or chat template differ is refused unless ``allow_base_mismatch``.
     Weights are read from safetensors only.
     """
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-
     from .model import QAdapterModel, load_base
 
-    adapter_dir = Path(adapter_dir)
-    config, base_meta, _ = read_adapter_meta(adapter_dir)
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise ModelError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are loaded)")
-    saved = _saved_identity(base_meta, adapter_dir / QADAPTER_CONFIG)
-    read_json(str(adapter_dir / ADAPTER_CONFIG), "PEFT adapter config")  # names the file if it is broken
-    shapes = _tensor_shapes(adapter_dir / ADAPTER_WEIGHTS)
+    files = _read_adapter(adapter_dir)
     if base is None:
-        base = load_base(model or saved.name, revision=None if model else _hub_revision(saved), device=device)
-    if len(saved.fingerprint) != len(base.identity.fingerprint):
+        base = load_base(model or files.saved.name, revision=None if model else _hub_revision(files.saved), device=device)
+    _check_base(files, base, allow_base_mismatch)
+    peft_model = _attach(base.model, files, "default", is_trainable)
+    return QAdapterModel(peft_model, base.tokenizer, files.config, base.identity)
+
+
+def load_composition(
+    adapter_dirs: Mapping[str, str | Path],
+    base: Any = None,
+    *,
+    model: str | None = None,
+    allow_base_mismatch: bool = False,
+    device: torch.device | str | None = None,
+) -> Any:
+    """Several adapters, ``{name: folder}``, on one base loaded once, for decoding with the composed
+    policy (Σ_i w_i·Q_i + α₀ log π₁)/α̃ (weights per call: ``DecodeConfig.weights``, default 1 each).
+
+    The first adapter is the active one and supplies the default dial (α₀, α̃); each keeps its own
+    Q form. Adapters trained on different base models are refused (they would add Q-functions
+    relative to different policies), as is a base that differs from theirs, unless ``allow_base_mismatch``.
+    """
+    from .model import QAdapterModel, load_base
+
+    if not adapter_dirs:
+        raise ConfigError("a composition needs at least one adapter")
+    bad = [name for name in adapter_dirs if not ADAPTER_NAME.fullmatch(name) or name in RESERVED_NAMES]
+    if bad:
         raise ConfigError(
-            f"{adapter_dir / QADAPTER_CONFIG}: malformed 'base' (fingerprint has {len(saved.fingerprint)} values, "
-            f"expected {len(base.identity.fingerprint)})"
+            f"adapter name(s) {', '.join(map(repr, bad))}: use letters, digits, '_' and '-' (at most 64), not {' or '.join(RESERVED_NAMES)}"
         )
-    problems = saved.mismatches(base.identity)
-    if problems and not allow_base_mismatch:
-        raise ModelError(
-            f"{adapter_dir} was trained on a different base model ({saved.name}): "
-            + "; ".join(problems)
-            + ". Load the matching base, or pass allow_base_mismatch=True (--allow-base-mismatch) if you know why."
-        )
-    try:
-        peft_model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=is_trainable)
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:  # TypeError: mistyped adapter_config.json
-        raise ModelError(f"{adapter_dir}: adapter weights do not fit the base model ({' '.join(str(exc).split())})") from None
-    # PEFT only warns about absent tensors and leaves those LoRA weights at their initial values
-    expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    missing = sorted(set(expected) - set(shapes))
-    if missing:
-        raise ModelError(
-            f"{adapter_dir}: {ADAPTER_WEIGHTS} lacks {len(missing)} of the {len(expected)} tensors "
-            f"{ADAPTER_CONFIG} asks for (first: {missing[0]})"
-        )
-    nonfinite = [key for key, value in expected.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-    if nonfinite:
-        raise ModelError(
-            f"{adapter_dir}: {ADAPTER_WEIGHTS} holds NaN or infinite values ({len(nonfinite)} tensors, first: {nonfinite[0]})"
-        )
-    return QAdapterModel(peft_model, base.tokenizer, config, base.identity)
+    adapters = {name: _read_adapter(folder) for name, folder in adapter_dirs.items()}
+    (first_name, first), *others = adapters.items()
+    for name, files in others:
+        same_length = len(files.saved.fingerprint) == len(first.saved.fingerprint)
+        problems = first.saved.mismatches(files.saved) if same_length else ["weights fingerprints of different lengths"]
+        if problems and not allow_base_mismatch:
+            raise ModelError(
+                f"adapters {first_name!r} ({first.folder}) and {name!r} ({files.folder}) were trained on different base "
+                f"models ({first.saved.name}, {files.saved.name}): " + "; ".join(problems) + ". Only adapters of one base compose."
+            )
+    if base is None:
+        base = load_base(model or first.saved.name, revision=None if model else _hub_revision(first.saved), device=device)
+    peft_model = base.model
+    for name, files in adapters.items():
+        _check_base(files, base, allow_base_mismatch)
+        peft_model = _attach(peft_model, files, name, is_trainable=False)
+    companions = {name: files.config for name, files in others}
+    return QAdapterModel(peft_model, base.tokenizer, first.config, base.identity, companions)
 
 
 def _hub_revision(identity: Any) -> str | None:

@@ -12,12 +12,13 @@ import json
 import os
 import sys
 import typing
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from .config import DecodeConfig, QAdapterConfig
+from .config import ADAPTER_NAME, DecodeConfig, QAdapterConfig
 from .errors import ConfigError, QAdapterError
 
 app = typer.Typer(
@@ -28,18 +29,12 @@ app = typer.Typer(
     add_completion=False,
 )
 
+# The main job when --data is omitted: DSP (Cheng et al., 2023), "academy" style preferred over the
+# other four; 120 training queries (480 pairs) and 25 held-out queries (≈100 pairs), about 20 minutes
+# on two CPU cores for the bundled model.
 DEFAULT_DATA = "dsp/domain_specific_preference.json"  # relative to the shared data folder
 DEFAULT_PREFER = "academy"
-
-
-def shared_data_dir() -> Path:
-    """The folder of bundled public datasets: $QADAPTER_DATA_DIR, else ../shared/data from the
-    current folder or from this checkout."""
-    candidates = [os.environ.get("QADAPTER_DATA_DIR"), Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    raise ConfigError("no default data folder found: pass --data FILE, or set QADAPTER_DATA_DIR to the shared data folder")
+DEFAULT_SLICE = {"max_train_pairs": 480, "max_eval_pairs": 100}
 
 
 def config_options(config_cls: type, panel: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -60,7 +55,9 @@ def config_options(config_cls: type, panel: str) -> Callable[[Callable[..., Any]
             hint = hints[f.name]
             if typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType":  # X | None
                 hint = Optional[next(a for a in typing.get_args(hint) if a is not type(None))]
-            option = typer.Option(help=f.metadata.get("help", ""), rich_help_panel=panel)
+            option = typer.Option(
+                help=f.metadata.get("help", ""), rich_help_panel=panel, parser=f.metadata.get("parse"), metavar=f.metadata.get("metavar")
+            )
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hint, option]))
         func.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
         return func
@@ -87,8 +84,8 @@ def train(
     prefer: Annotated[Optional[str], typer.Option(help="For multi-response records ({query, responses: {style: text}}): the preferred style.")] = None,
     output: Annotated[Path, typer.Option(help="Run folder: adapter/, metrics.json, checkpoints/.")] = Path("runs/qadapter"),
     eval_fraction: Annotated[float, typer.Option(help="Fraction of prompts held out for evaluation (split by prompt, never by pair).")] = 0.2,
-    max_train_pairs: Annotated[Optional[int], typer.Option(help="Use at most this many training pairs (whole prompts).")] = None,
-    max_eval_pairs: Annotated[Optional[int], typer.Option(help="Evaluate on at most this many held-out pairs (whole prompts).")] = 120,
+    max_train_pairs: Annotated[Optional[int], typer.Option(help="Use at most this many training pairs (whole prompts); default data: 480.")] = None,
+    max_eval_pairs: Annotated[Optional[int], typer.Option(help="Evaluate on at most this many held-out pairs (whole prompts); default data: 100.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: 4 times per run).")] = None,
     save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (default: with each evaluation).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its latest checkpoint.")] = False,
@@ -108,8 +105,10 @@ def train(
     from .train import TrainingInterrupted, train as run_training
 
     console = _console()
-    if data is None:
+    if data is None:  # the main job: the default slice unless sizes are given
         data, prefer = str(shared_data_dir() / DEFAULT_DATA), prefer or DEFAULT_PREFER
+        max_train_pairs = max_train_pairs or DEFAULT_SLICE["max_train_pairs"]
+        max_eval_pairs = max_eval_pairs or DEFAULT_SLICE["max_eval_pairs"]
     report = read_records(data, prefer=prefer, skip_invalid=skip_invalid)
     if report.skipped:
         console.print(f"skipped {len(report.skipped)} record(s), e.g. {report.skipped[0]}")
@@ -145,6 +144,74 @@ def train(
     )
 
 
+class BaselineMethod(str, Enum):
+    sft = "sft"
+    dpo = "dpo"
+    replay = "replay"
+
+
+@app.command(rich_help_panel="Train")
+@config_options(QAdapterConfig, "Shared settings (LoRA, optimisation, sequences; the Q-Adapter method fields are unused)")
+def baseline(
+    method: Annotated[BaselineMethod, typer.Argument(help="sft: SFT on chosen responses; dpo: TRL's DPOTrainer; replay: DPO or SFT with base-model replay data mixed in.")],
+    model: Annotated[str, typer.Option(help="Base model: 'bundled' (SmolLM2-135M-Instruct), a hub id, a local folder, or a .gguf file.")] = "bundled",
+    data: Annotated[Optional[str], typer.Option(help="Preference data, as for `qadapter train` (the same split and held-out prompts). Default: DSP from the shared data folder.")] = None,
+    prefer: Annotated[Optional[str], typer.Option(help="For multi-response records ({query, responses: {style: text}}): the preferred style.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Run folder: adapter/ (with baseline.json) and the replay cache. Default: runs/baseline-METHOD.")] = None,
+    eval_fraction: Annotated[float, typer.Option(help="Fraction of prompts held out, as for `qadapter train` (never trained on, never replayed).")] = 0.2,
+    max_train_pairs: Annotated[Optional[int], typer.Option(help="Use at most this many training pairs (whole prompts); default data: as `qadapter train`.")] = None,
+    beta_dpo: Annotated[float, typer.Option(help="DPO's β (dpo, and replay with --replay-base dpo).")] = 0.1,
+    replay_base: Annotated[str, typer.Option(help="replay: train with 'dpo' or 'sft'.")] = "dpo",
+    replay_fraction: Annotated[float, typer.Option(help="replay: fraction of all training rows that are replay rows, in (0, 1).")] = 0.25,
+    replay_prompts: Annotated[Optional[str], typer.Option(help="replay: preference data whose prompts the base answers (DPO pairs its answer with the rejected reply). Default: single-turn HH-RLHF helpful-base test prompts.")] = None,
+    replay_max_new_tokens: Annotated[Optional[int], typer.Option(help="replay: longest base response (default: max_length − max_prompt_length).")] = None,
+    replay_temperature: Annotated[float, typer.Option(help="replay: sampling temperature of the base responses (1: the base's own distribution; 0: greedy).")] = 1.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter in --output (the replay cache is kept).")] = False,
+    skip_invalid: Annotated[bool, typer.Option(help="Skip malformed records (counted and reported) instead of stopping.")] = False,
+    mixed_precision: Annotated[str, typer.Option(help="'auto' (bf16 only where the hardware has it), 'no', 'bf16' or 'fp16'.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars and TRL's log lines.")] = True,
+    **options: Any,
+) -> None:
+    """Train a peer with TRL on the same data and LoRA settings as `qadapter train`, saved as an adapter folder."""
+    config = pick(QAdapterConfig, options)
+    from .data import read_records, split_by_prompt
+    from .eval.baselines import train_baseline
+
+    console = _console()
+    output = output or Path(f"runs/baseline-{method.value}")
+    if (output / "adapter").exists() and not overwrite:
+        raise ConfigError(f"{output / 'adapter'} exists: pass --overwrite to replace it, or choose another --output")
+    if data is None:  # the main job's default slice, as `qadapter train`
+        data, prefer = str(shared_data_dir() / DEFAULT_DATA), prefer or DEFAULT_PREFER
+        max_train_pairs = max_train_pairs or DEFAULT_SLICE["max_train_pairs"]
+    report = read_records(data, prefer=prefer, skip_invalid=skip_invalid)
+    if report.skipped:
+        console.print(f"skipped {len(report.skipped)} record(s), e.g. {report.skipped[0]}")
+    train_records, held_out = split_by_prompt(report.records, eval_fraction, seed=config.seed)
+    train_records = _limit(train_records, max_train_pairs)
+    console.print(f"data: {data} ({len(report.records)} pairs) → {len(train_records)} train pairs, {len(held_out)} held out")
+    replay = read_records(replay_prompts, skip_invalid=skip_invalid).records if method == BaselineMethod.replay and replay_prompts else None
+    adapter_dir = train_baseline(
+        method.value,
+        train_records,
+        output,
+        model=model,
+        config=config,
+        beta_dpo=beta_dpo,
+        replay_fraction=replay_fraction,
+        replay_prompts=replay,
+        replay_base=replay_base,
+        replay_max_new_tokens=replay_max_new_tokens,
+        replay_temperature=replay_temperature,
+        held_out_records=held_out,
+        mixed_precision=mixed_precision,
+        progress=progress,
+        log=console.print,
+        run_info={"data": data, "prefer": prefer, "replay_prompts": replay_prompts, "command": " ".join(["qadapter", *sys.argv[1:]])},
+    )
+    console.print(f"adapter: {adapter_dir}")
+
+
 def _relaunch(num_processes: int) -> int:
     """Run this same command under `accelerate launch` with ``num_processes`` workers; return its exit code."""
     import subprocess
@@ -177,26 +244,55 @@ def _adapter_path(path: Path) -> Path:
     return path / "adapter" if (path / "adapter" / "qadapter_config.json").is_file() else path
 
 
+AdapterOption = Annotated[
+    list[str],
+    typer.Option(
+        "--adapter",
+        metavar="[NAME=]DIR",
+        help="Adapter folder (or a run folder holding adapter/). Repeat as NAME=DIR to load several on one base, "
+        "composed as (Σ w_i·Q_i + α₀ log π₁)/α̃.",
+    ),
+]
+ModelOption = Annotated[Optional[str], typer.Option(help="Load this base instead of the one recorded in the adapter(s).")]
+MismatchOption = Annotated[bool, typer.Option(help="Use a base model that differs from the recorded one.")]
+
+
+def _load_adapters(values: list[str], model: str | None, allow_base_mismatch: bool) -> Any:
+    """One bare adapter folder, or NAME=DIR adapters composed on one base."""
+    from .model import QAdapterModel
+
+    named: dict[str, Path] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not (sep and ADAPTER_NAME.fullmatch(name)):  # a bare folder (which may itself contain '=')
+            if len(values) > 1:
+                raise ConfigError(f"--adapter {value}: name each adapter of a composition, as NAME=DIR")
+            return QAdapterModel.from_pretrained(_adapter_path(Path(value)), model=model, allow_base_mismatch=allow_base_mismatch)
+        if name in named:
+            raise ConfigError(f"--adapter: the name {name!r} is given twice")
+        named[name] = _adapter_path(Path(folder))
+    return QAdapterModel.from_pretrained(named, model=model, allow_base_mismatch=allow_base_mismatch)
+
+
 @app.command(rich_help_panel="Use")
 @config_options(DecodeConfig, "Decoding")
 def generate(
     prompt: Annotated[list[str], typer.Argument(help="One or more prompts (each becomes a user turn of the chat template).")],
-    adapter: Annotated[Path, typer.Option(help="Adapter folder (or a run folder holding adapter/).")],
+    adapter: AdapterOption,
     compare: Annotated[bool, typer.Option(help="Also print the base model's answer, side by side.")] = False,
     chat: Annotated[bool, typer.Option(help="Wrap prompts in the chat template (when the tokenizer has one).")] = True,
-    model: Annotated[Optional[str], typer.Option(help="Load this base instead of the one recorded in the adapter.")] = None,
-    allow_base_mismatch: Annotated[bool, typer.Option(help="Use a base model that differs from the recorded one.")] = False,
+    model: ModelOption = None,
+    allow_base_mismatch: MismatchOption = False,
     **options: Any,
 ) -> None:
-    """Generate with the customized policy (Q + α₀ log π₁)/α̃; override α₀/α̃ without retraining."""
+    """Generate with the customized policy (Q + α₀ log π₁)/α̃; override α₀/α̃ and adapter weights without retraining."""
     from rich.console import Console
     from rich.table import Table
 
     from .decode import generate as run_generate
-    from .model import QAdapterModel
 
     decode = pick(DecodeConfig, options)
-    qmodel = QAdapterModel.from_pretrained(_adapter_path(adapter), model=model, allow_base_mismatch=allow_base_mismatch)
+    qmodel = _load_adapters(adapter, model, allow_base_mismatch)
     answers = run_generate(qmodel, prompt, decode, chat=chat)
     console = Console()
     if not compare:
@@ -212,6 +308,26 @@ def generate(
         table.add_column(f"customized (α₀={alpha_0:g}, α̃={alpha_tilde:g})")
         table.add_row(base_text, text)
         console.print(table)
+
+
+@app.command(rich_help_panel="Use")
+def serve(
+    adapter: AdapterOption,
+    host: Annotated[str, typer.Option(help="Address to listen on; the default answers this machine only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    model: ModelOption = None,
+    allow_base_mismatch: MismatchOption = False,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Requests decoded together at most; later ones wait in a first-come queue.")] = 32,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests allowed to wait; more are answered 429.")] = 256,
+) -> None:
+    """Serve the customized policy over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    try:
+        from .serve import serve as run_server
+    except ImportError as exc:  # fastapi and uvicorn come with the `serve` extra
+        raise QAdapterError(f"qadapter serve needs the serve extra: pip install 'qadapter[serve]' ({exc})") from None
+
+    qmodel = _load_adapters(adapter, model, allow_base_mismatch)
+    run_server(qmodel, host=host, port=port, max_batch_size=max_batch_size, max_queue=max_queue)
 
 
 @app.command(rich_help_panel="Use")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,12 +74,12 @@ class QAdapterConfig:
         metadata=_help("Module names that get LoRA (default: attention query and value projections)."),
     )
     # --- optimisation ---------------------------------------------------------------------------
-    learning_rate: float = field(default=5e-4, metadata=_help("Peak AdamW learning rate > 0."))
+    learning_rate: float = field(default=1e-3, metadata=_help("Peak AdamW learning rate > 0."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay >= 0."))
     warmup_ratio: float = field(default=0.05, metadata=_help("Fraction of steps of linear warm-up, in [0, 1)."))
     lr_scheduler: str = field(default="cosine", metadata=_help("'cosine', 'linear' or 'constant' after warm-up."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm > 0."))
-    batch_size: int = field(default=8, metadata=_help("Preference pairs per optimizer step (global, all processes)."))
+    batch_size: int = field(default=4, metadata=_help("Preference pairs per optimizer step (global, all processes)."))
     micro_batch_size: int = field(
         default=4, metadata=_help("Pairs per forward pass; batch_size / (micro_batch_size × processes) steps are accumulated.")
     )
@@ -141,6 +143,24 @@ class QAdapterConfig:
         return dataclasses.replace(self, **changes)
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # no '+', ',', '=', '.': they separate names in model ids and CLI values
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"a=1,b=0.5"`` → ``{"a": 1.0, "b": 0.5}`` (the CLI's ``--weights``)."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        try:
+            weight: float | None = float(value)
+        except ValueError:
+            weight = None
+        if not sep or weight is None or not ADAPTER_NAME.fullmatch(name):
+            raise ConfigError(f"weights: expected NAME=NUMBER pairs separated by commas, got {item!r}")
+        weights[name] = weight
+    return weights
+
+
 @dataclass
 class DecodeConfig:
     """How the customized policy generates text."""
@@ -152,20 +172,34 @@ class DecodeConfig:
     alpha_0: float | None = field(default=None, metadata=_help("Override α₀ at generation time (the forgetting dial)."))
     alpha_tilde: float | None = field(default=None, metadata=_help("Override α̃ at generation time."))
     seed: int | None = field(default=None, metadata=_help("Seed for sampling; None draws fresh randomness."))
+    weights: dict[str, float] | None = field(
+        default=None,
+        metadata={
+            **_help(
+                "Weight w_i of each loaded adapter's Q in (Σ_i w_i·Q_i + α₀ log π₁)/α̃, e.g. a=1,b=0.5; "
+                "adapters not named keep weight 1, weight 0 leaves one out."
+            ),
+            "parse": parse_weights,  # the CLI's --weights text → dict
+            "metavar": "NAME=W,...",
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # `not >=`: NaN fails every comparison
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         for name in ("alpha_0", "alpha_tilde"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name} must be > 0, got {value}")
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+        for adapter, weight in (self.weights or {}).items():
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+                raise ConfigError(f"weights: the weight of adapter {adapter!r} must be a finite number, got {weight!r}")
 
 
 def field_help(config_cls: type, name: str) -> str:

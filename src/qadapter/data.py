@@ -22,6 +22,7 @@ Files: ``.jsonl`` / ``.json`` (a list of records), optionally ``.gz``; or any Hu
 from __future__ import annotations
 
 import gzip
+import os
 import hashlib
 import json
 import math
@@ -366,3 +367,13 @@ def split_by_prompt(
     train = [r for r in records if r.prompt_key not in eval_keys]
     held_out = [r for r in records if r.prompt_key in eval_keys]
     return train, held_out
+
+
+def shared_data_dir() -> Path:
+    """The folder of bundled public datasets: $QADAPTER_DATA_DIR, else ../shared/data from the
+    current folder or from this checkout."""
+    candidates = [os.environ.get("QADAPTER_DATA_DIR"), Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    raise DataError("no default data folder found: pass --data FILE, or set QADAPTER_DATA_DIR to the shared data folder")

@@ -1,32 +1,38 @@
-"""Generating with the customized policy: prompt → two KV caches → combined logits → tokens.
+"""Generating with the customized policy: prompt → every pass in one forward per step → combined logits → tokens.
 
-The skeleton of nanoGPT's ``generate`` with one second forward (the base pass, adapter
-disabled, its own cache) and one combined-logits line. ``alpha_0`` and ``alpha_tilde`` can be
-overridden per call: the forgetting dial needs no retraining.
+The skeleton of nanoGPT's ``generate`` with the passes the policy reads (each adapter's and the
+base's) stacked as rows of one forward with one KV cache, and one combined-logits line. ``alpha_0``,
+``alpha_tilde`` and the adapter ``weights`` can be overridden per call: the forgetting dial needs no
+retraining. :class:`DecodeBatch` is the step-wise engine under :func:`generate_ids`; the server drives
+it directly, with sequences joining and leaving between steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from . import objective
+from .collate import pad_rows
 from .config import DecodeConfig
 from .data import Message
+from .errors import ConfigError
 from .hardware import autocast, choose_mixed_precision
 from .model import position_ids
 from .sampling import sample_next
 
 Policy = Literal["customized", "base"]
 Prompt = str | list[Message]
+BASE = "__base__"  # PEFT's mixed-batch name for "no adapter"
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (ids, mask), (b, T). A string becomes a user turn when ``chat`` and the
-    tokenizer has a chat template; a message list always goes through the template."""
+def token_rows(tokenizer: Any, prompts: Sequence[Prompt], chat: bool = True) -> list[list[int]]:
+    """Token ids per prompt. A string becomes a user turn when ``chat`` and the tokenizer has a
+    chat template; a message list always goes through the template."""
     rows = []
     for prompt in prompts:
         if isinstance(prompt, list) or (chat and getattr(tokenizer, "chat_template", None)):
@@ -35,66 +41,202 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool = True)
             rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
             rows.append(tokenizer(prompt)["input_ids"])
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
+    return rows
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (ids, mask), (b, T), of :func:`token_rows`."""
+    ids, mask, _ = pad_rows([(row, []) for row in token_rows(tokenizer, prompts, chat)], tokenizer.pad_token_id, "left")
     return ids, mask
 
 
-class _Passes:
-    """Adapted and base rows stepping through ONE forward with ONE KV cache.
+def eos_ids(qmodel: Any) -> list[int]:
+    """Every token id that ends a completion: the tokenizer's EOS and the generation config's."""
+    eos = {qmodel.tokenizer.eos_token_id}
+    extra = getattr(qmodel.peft_model.generation_config, "eos_token_id", None)
+    eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return sorted(e for e in eos if e is not None)
 
-    The batch is [adapted rows; base rows] and PEFT's mixed-batch LoRA (``adapter_names``, with
-    ``"__base__"`` for the base rows) applies the adapter to the first half only, so both passes
-    share every weight read: decoding a small batch costs about one pass, not two. Where the
-    customized policy needs a single pass (the base alone, or the residual form at α₀ = 1, where
-    π̃ = softmax(adapted logits / α̃)) only that pass runs.
+
+@dataclass(frozen=True)
+class Mixture:
+    """The policy one sequence decodes with, (Σ_i w_i·Q_i + α₀ log π₁)/α̃: (adapter name, w_i, Q form)
+    per adapter, and the dial. No adapters at α₀ = α̃ = 1 is the base policy itself."""
+
+    adapters: tuple[tuple[str, float, str], ...]
+    alpha_0: float
+    alpha_tilde: float
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        """The passes this policy reads: one per adapter, and the base unless its logits cancel. With
+        Q_i = a_i − b (residual) or a_i (raw), Σ w_i·Q_i + α₀ log softmax(b) = Σ w_i·a_i +
+        (α₀ − Σ_residual w_i)·b − const(row), so at α₀ = Σ_residual w_i (one residual adapter, weight 1,
+        α₀ = 1) no base pass is needed."""
+        names = tuple(name for name, _, _ in self.adapters)
+        residual = sum(weight for _, weight, form in self.adapters if form == "residual")
+        return names if names and residual == self.alpha_0 else (*names, BASE)
+
+
+def mixture(qmodel: Any, config: DecodeConfig = DecodeConfig(), policy: Policy = "customized") -> Mixture:
+    """The policy a call asks for: every loaded adapter at weight 1 unless ``config.weights`` says
+    otherwise (weight 0 leaves it out), at ``config``'s dial, else the (first) adapter's."""
+    if policy == "base":
+        return Mixture((), 1.0, 1.0)
+    weights = config.weights or {}
+    unknown = sorted(set(weights) - set(qmodel.adapters))
+    if unknown:
+        raise ConfigError(f"weights: no adapter named {', '.join(unknown)} (loaded: {', '.join(qmodel.adapters)})")
+    chosen = {name: float(weights.get(name, 1.0)) for name in qmodel.adapters}
+    return Mixture(
+        tuple((name, w, qmodel.adapters[name].q_form) for name, w in chosen.items() if w != 0),
+        qmodel.config.alpha_0 if config.alpha_0 is None else config.alpha_0,
+        qmodel.config.alpha_tilde if config.alpha_tilde is None else config.alpha_tilde,
+    )
+
+
+def customized_logits(logits: Mapping[str, torch.Tensor], mix: Mixture) -> torch.Tensor:
+    """Next-token logits of the policy ``mix`` from one step's passes: ``logits`` maps each of
+    ``mix.passes`` (adapter names, and BASE) to its (b, V) logits. Returns (b, V)."""
+    base = logits.get(BASE)
+    if base is None:  # the base terms cancel (see Mixture.passes): Σ w_i·a_i / α̃, up to a constant per row
+        return sum(w * logits[name] for name, w, _ in mix.adapters) / mix.alpha_tilde  # type: ignore[return-value]
+    q = sum((w * objective.q_values(logits[name], base, form) for name, w, form in mix.adapters), torch.zeros_like(base))  # type: ignore[arg-type]
+    return objective.combined_logits(q, F.log_softmax(base, -1), mix.alpha_0, mix.alpha_tilde)
+
+
+class DecodeBatch:
+    """Sequences stepping through ONE forward per step with ONE KV cache.
+
+    A sequence contributes one row per pass its :class:`Mixture` reads, grouped by sequence, and
+    PEFT's mixed-batch LoRA (``adapter_names``, ``"__base__"`` for base rows) applies each row's
+    adapter, so all passes of all sequences share every weight read: a small batch costs about one
+    pass, not one per adapter. Sequences join (:meth:`add`: their prompts run through one prefill
+    forward and their cache rows are appended, everything left-padded to one length; positions are
+    explicit, so padding in front changes nothing) and leave (:meth:`keep`) between steps.
     """
 
-    def __init__(self, qmodel: Any, rows: int, policy: Policy, alpha_0: float) -> None:
+    def __init__(self, qmodel: Any) -> None:
         self.model = qmodel.peft_model
-        self.rows = rows
-        adapter = self.model.active_adapter
-        if policy == "base":
-            self.names = ["__base__"] * rows
-        elif qmodel.config.q_form == "residual" and alpha_0 == 1.0:
-            self.names = [adapter] * rows
-        else:
-            self.names = [adapter] * rows + ["__base__"] * rows
-        self.cache: Any = None
+        self.device = qmodel.device
+        self.precision = choose_mixed_precision(self.device)
+        self.mixtures: list[Mixture] = []  # per sequence
+        self.cache: Any = None  # over all rows
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (rows, L)
+        self.pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (rows, 1): position of each row's last token
 
-    def step(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Feed new tokens (b, t); return (adapted logits, base logits) at the last position, (b, V) each or None."""
-        copies = len(self.names) // self.rows
-        out = self.model(
-            input_ids=ids.repeat(copies, 1),
-            attention_mask=mask.repeat(copies, 1),
-            position_ids=pos.repeat(copies, 1),
-            past_key_values=self.cache,
-            use_cache=True,
-            adapter_names=self.names,
-            logits_to_keep=1,
-        )
-        self.cache = out.past_key_values
-        logits = out.logits[:, -1].float()  # (copies·b, V)
-        if copies == 2:
-            return logits[: self.rows], logits[self.rows :]
-        return (None, logits) if self.names[0] == "__base__" else (logits, None)
+    @property
+    def can_join(self) -> bool:
+        """Sequences can join an empty batch, and a running one whose cache layers are all plain (a
+        sliding-window layer keeps a fixed window that padding in front would shift)."""
+        return self.cache is None or all(window is None for _, _, window in self.cache)
+
+    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mixtures: Sequence[Mixture]) -> torch.Tensor:
+        """Prefill new sequences, left-padded (n, T) prompts with one mixture each, in one forward; they
+        join after the running ones. Returns their next-token logits, (n, V)."""
+        owner, names = _layout(mixtures)
+        rows = torch.tensor(owner, device=self.device)
+        ids, mask = input_ids.to(self.device)[rows], attention_mask.to(self.device)[rows]  # (rows, T)
+        pos = position_ids(mask)
+        logits, cache = self._forward(ids, mask, pos, None, names)
+        self.cache, self.mask = _join_caches(self.cache, self.mask, cache, mask)
+        self.pos = torch.cat([self.pos, pos[:, -1:]])
+        self.mixtures += mixtures
+        return _combine(logits, mixtures)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence, (n,); returns each sequence's next-token logits, (n, V)."""
+        owner, names = _layout(self.mixtures)
+        self.mask = F.pad(self.mask, (0, 1), value=1)  # (rows, L+1)
+        self.pos = self.pos + 1
+        ids = tokens.to(self.device)[torch.tensor(owner, device=self.device)].unsqueeze(1)  # (rows, 1)
+        logits, self.cache = self._forward(ids, self.mask, self.pos, self.cache, names)
+        return _combine(logits, self.mixtures)
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keep these sequences, in this order; the others leave, with their cache rows."""
+        if list(indices) == list(range(len(self.mixtures))):
+            return  # nobody leaves: spare the cache a copy
+        starts = _starts(self.mixtures)
+        rows = [r for i in indices for r in range(starts[i], starts[i] + len(self.mixtures[i].passes))]
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.mixtures = [self.mixtures[i] for i in indices]
+        self.mask, self.pos = self.mask[index], self.pos[index]
+        if not rows:
+            self.cache, self.mask = None, self.mask[:, :0]
+            return
+        self.cache.batch_select_indices(index)
+        start = int(self.mask.any(0).long().argmax())  # columns before it are padding in every row left
+        if start:
+            self.cache = _rebuild(self.cache, lambda t: t[..., start:, :])
+            self.mask = self.mask[:, start:]
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, names: list[str]) -> tuple[torch.Tensor, Any]:
+        with autocast(self.device, self.precision):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                adapter_names=names,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1].float(), out.past_key_values  # (rows, V)
 
 
-def customized_logits(
-    adapter_logits: torch.Tensor | None, base_logits: torch.Tensor | None, q_form: str, alpha_0: float, alpha_tilde: float
-) -> torch.Tensor:
-    """Next-token logits of the customized policy from whichever passes ran, (b, V) → (b, V)."""
-    if adapter_logits is None:
-        return base_logits  # type: ignore[return-value]  # the base policy alone
-    if base_logits is None:  # residual form at α₀ = 1: (a − b + log softmax(b))/α̃ = a/α̃ − const
-        return adapter_logits / alpha_tilde
-    q = objective.q_values(adapter_logits, base_logits, q_form)  # type: ignore[arg-type]
-    return objective.combined_logits(q, F.log_softmax(base_logits, -1), alpha_0, alpha_tilde)
+def _layout(mixtures: Sequence[Mixture]) -> tuple[list[int], list[str]]:
+    """The rows of these sequences: each row's sequence and pass, rows grouped by sequence."""
+    owner = [i for i, m in enumerate(mixtures) for _ in m.passes]
+    return owner, [name for m in mixtures for name in m.passes]
+
+
+def _starts(mixtures: Sequence[Mixture]) -> list[int]:
+    """The first row of each sequence."""
+    starts, row = [], 0
+    for m in mixtures:
+        starts.append(row)
+        row += len(m.passes)
+    return starts
+
+
+def _combine(logits: torch.Tensor, mixtures: Sequence[Mixture]) -> torch.Tensor:
+    """Each sequence's customized logits from its rows' logits, (rows, V) → (n, V), one
+    :func:`customized_logits` call per distinct mixture."""
+    starts = torch.tensor(_starts(mixtures), device=logits.device)
+    groups: dict[Mixture, list[int]] = {}
+    for i, m in enumerate(mixtures):
+        groups.setdefault(m, []).append(i)
+    out = logits.new_empty(len(mixtures), logits.shape[-1])
+    for m, seqs in groups.items():
+        first = starts[seqs]
+        out[seqs] = customized_logits({name: logits[first + j] for j, name in enumerate(m.passes)}, m)
+    return out
+
+
+def _rebuild(cache: Any, edit: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """A new cache whose key and value tensors, (rows, heads, L, d), are ``edit`` of the old ones."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(edit(keys), edit(values)) for keys, values, _ in cache])
+
+
+def _join_caches(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """One cache and (rows, L) mask holding the rows of both, the shorter left-padded."""
+    if cache is None:
+        return new_cache, new_mask
+    from transformers import DynamicCache
+
+    width = max(mask.shape[1], new_mask.shape[1])
+
+    def grow(t: torch.Tensor) -> torch.Tensor:  # (rows, heads, L, d) → (rows, heads, width, d)
+        return F.pad(t, (0, 0, width - t.shape[-2], 0))
+
+    layers = [
+        (torch.cat([grow(k), grow(new_k)]), torch.cat([grow(v), grow(new_v)]))
+        for (k, v, _), (new_k, new_v, _) in zip(cache, new_cache)
+    ]
+    return DynamicCache(layers), torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in (mask, new_mask)])
 
 
 @torch.no_grad()
@@ -107,38 +249,27 @@ def generate_ids(
 ) -> torch.Tensor:
     """New token ids, (b, T) → (b, n ≤ max_new_tokens), rows padded after their EOS."""
     device = qmodel.device
-    alpha_0 = qmodel.config.alpha_0 if config.alpha_0 is None else config.alpha_0
-    alpha_tilde = qmodel.config.alpha_tilde if config.alpha_tilde is None else config.alpha_tilde
-    tokenizer = qmodel.tokenizer
-    eos = {tokenizer.eos_token_id}
-    extra = getattr(qmodel.peft_model.generation_config, "eos_token_id", None)
-    eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
-    eos_tensor = torch.tensor(sorted(e for e in eos if e is not None), device=device)
+    pad = qmodel.tokenizer.pad_token_id
+    eos = torch.tensor(eos_ids(qmodel), device=device)
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
-
-    ids, mask = input_ids.to(device), attention_mask.to(device)
-    pos = position_ids(mask)  # (b, T)
-    passes = _Passes(qmodel, ids.shape[0], policy, alpha_0)
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    policy_mix = mixture(qmodel, config, policy)
+    batch = DecodeBatch(qmodel)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     new_tokens = []
     was_training = qmodel.peft_model.training
-    qmodel.peft_model.eval()
+    qmodel.peft_model.eval()  # PEFT's mixed batch refuses training mode
     try:
-        with autocast(device, choose_mixed_precision(device)):
-            adapter_logits, base_logits = passes.step(ids, mask, pos)
-            for step in range(config.max_new_tokens):
-                logits = customized_logits(adapter_logits, base_logits, qmodel.config.q_form, alpha_0, alpha_tilde)  # (b, V)
-                if step < config.min_new_tokens:
-                    logits = logits.index_fill(-1, eos_tensor, float("-inf"))
-                token = sample_next(logits, temperature=config.temperature, top_p=config.top_p, generator=generator)  # (b,)
-                token = token.masked_fill(finished, tokenizer.pad_token_id)
-                new_tokens.append(token)
-                finished |= torch.isin(token, eos_tensor)
-                if bool(finished.all()):
-                    break
-                mask = F.pad(mask, (0, 1), value=1)  # (b, T+1); finished rows feed padding nobody reads
-                pos = pos[:, -1:] + 1  # (b, 1)
-                adapter_logits, base_logits = passes.step(token.unsqueeze(1), mask, pos)
+        logits = batch.add(input_ids, attention_mask, [policy_mix] * input_ids.shape[0])  # (b, V)
+        for step in range(config.max_new_tokens):
+            if step < config.min_new_tokens:
+                logits = logits.index_fill(-1, eos, float("-inf"))
+            token = sample_next(logits, temperature=config.temperature, top_p=config.top_p, generator=generator)  # (b,)
+            token = token.masked_fill(finished, pad)
+            new_tokens.append(token)
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                break
+            logits = batch.step(token)  # finished rows feed padding nobody reads
     finally:
         qmodel.peft_model.train(was_training)
     return torch.stack(new_tokens, dim=1)  # (b, n)

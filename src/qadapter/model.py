@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -231,14 +232,25 @@ class QAdapterModel:
     ``(Q + α₀ log π₁) / α̃``.
 
     The base exists once: the base pass is the same module with the adapter disabled. Create a
-    fresh adapter with :meth:`create`; load a trained one with :meth:`from_pretrained`.
+    fresh adapter with :meth:`create`; load a trained one with :meth:`from_pretrained`, or several
+    on the same base, composed as (Σ_i w_i·Q_i + α₀ log π₁)/α̃ when decoding, with
+    ``from_pretrained({"a": dir_a, "b": dir_b})``. Training and scoring use the active adapter.
     """
 
-    def __init__(self, peft_model: Any, tokenizer: Any, config: QAdapterConfig, identity: BaseIdentity):
+    def __init__(
+        self,
+        peft_model: Any,
+        tokenizer: Any,
+        config: QAdapterConfig,
+        identity: BaseIdentity,
+        companions: dict[str, QAdapterConfig] | None = None,
+    ):
         self.peft_model = peft_model
         self.tokenizer = tokenizer
-        self.config = config
+        self.config = config  # the active adapter's settings, whose dial (α₀, α̃) decoding defaults to
         self.identity = identity
+        self.adapter_name = peft_model.active_adapter  # PEFT's name of the adapter `config` describes
+        self.companions = companions or {}  # the other adapters of a composition, by name
         # Score from hidden states (see vocab.py) where logits are exactly W·h; else from logits.
         self.hidden_path = _logits_are_linear_in_hidden(peft_model)
 
@@ -256,10 +268,21 @@ class QAdapterModel:
         return cls(peft_model, base.tokenizer, config, base.identity)
 
     @classmethod
-    def from_pretrained(cls, adapter_dir: str | Path, base: LoadedBase | None = None, **kwargs: Any) -> "QAdapterModel":
-        from .checkpoint import load_adapter
+    def from_pretrained(
+        cls, adapter_dir: str | Path | Mapping[str, str | Path], base: LoadedBase | None = None, **kwargs: Any
+    ) -> "QAdapterModel":
+        """Load one adapter folder, or ``{name: folder}`` adapters onto one base (see
+        :func:`~qadapter.checkpoint.load_composition`)."""
+        from .checkpoint import load_adapter, load_composition
 
+        if isinstance(adapter_dir, Mapping):
+            return load_composition(adapter_dir, base=base, **kwargs)
         return load_adapter(adapter_dir, base=base, **kwargs)
+
+    @property
+    def adapters(self) -> dict[str, QAdapterConfig]:
+        """Every loaded adapter's settings by name, the active one first."""
+        return {self.adapter_name: self.config, **self.companions}
 
     def save_pretrained(self, adapter_dir: str | Path) -> None:
         from .checkpoint import save_adapter

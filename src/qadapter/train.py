@@ -29,6 +29,7 @@ from .data import PreferenceRecord
 from .errors import ConfigError, DataError, QAdapterError
 from .eval.preference import PreferenceEval, evaluate_preferences
 from .model import BUNDLED, LoadedBase, QAdapterModel, load_base
+from .progress import Progress
 
 
 class TrainingInterrupted(QAdapterError):
@@ -211,7 +212,7 @@ def train(
 
     eval_every = eval_every or max(1, total_steps // 4)
     save_every = save_every or eval_every
-    bar = _Progress(enabled=progress and is_main)
+    bar = Progress(enabled=progress and is_main)
 
     def evaluate(label: str) -> PreferenceEval:
         task = bar.add(f"eval ({label})", len(eval_pairs))
@@ -362,46 +363,3 @@ def _broadcast(value: Any, accelerator: Any) -> Any:
     if accelerator.num_processes == 1:
         return value
     return broadcast_object_list([value])[0]
-
-
-class _Progress:
-    """A rich progress display with time remaining, or nothing when disabled (non-main ranks, tests)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[status]}"),
-            )
-
-    def __enter__(self) -> "_Progress":
-        if self._progress is not None:
-            self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-
-    def add(self, description: str, total: int, completed: int = 0) -> Any:
-        return self._progress.add_task(description, total=total, completed=completed, status="") if self._progress else None
-
-    def advance(self, task: Any, n: int) -> None:
-        if self._progress is not None:
-            self._progress.advance(task, n)
-
-    def update(self, task: Any, completed: int, status: str) -> None:
-        if self._progress is not None:
-            self._progress.update(task, completed=completed, status=status)
-
-    def remove(self, task: Any) -> None:
-        if self._progress is not None:
-            self._progress.remove_task(task)

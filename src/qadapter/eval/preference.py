@@ -35,32 +35,48 @@ def evaluate_preferences(
     precision: MixedPrecision = "no",
     on_batch: Callable[[int], None] | None = None,
 ) -> PreferenceEval:
-    """Score every pair with the current adapter; ``on_batch(n_pairs)`` reports progress."""
+    """Score every pair with the current adapter at its own (α₀, α̃); ``on_batch(n_pairs)`` reports progress."""
+    return evaluate_preferences_at(qmodel, pairs, [(None, None)], batch_size=batch_size, precision=precision, on_batch=on_batch)[0]
+
+
+@torch.no_grad()
+def evaluate_preferences_at(
+    qmodel: Any,
+    pairs: list[TokenizedPair],
+    alphas: list[tuple[float | None, float | None]],
+    *,
+    batch_size: int = 8,
+    precision: MixedPrecision = "no",
+    on_batch: Callable[[int], None] | None = None,
+) -> list[PreferenceEval]:
+    """One :class:`PreferenceEval` per (α₀, α̃) in ``alphas`` (None: the adapter's own), all from one
+    pair of forward passes per batch."""
     cfg = qmodel.config
     was_training = qmodel.peft_model.training
     qmodel.peft_model.eval()
-    results: list[objective.PairObjective] = []
+    results: list[list[objective.PairObjective]] = [[] for _ in alphas]
     try:
         for index in prompt_grouped_batches(pairs, batch_size):
             batch = collate_pairs([pairs[i] for i in index], qmodel.tokenizer.pad_token_id).to(qmodel.device)
             with autocast(qmodel.device, precision):
-                terms = qmodel.score(batch)
-            results.append(
-                objective.pair_objective(
-                    terms,
-                    batch.chosen_index,
-                    batch.rejected_index,
-                    gamma=cfg.gamma,
-                    beta=cfg.beta,
-                    value_state=cfg.value_state,
-                    length_normalize=cfg.length_normalize,
-                )
-            )
+                passes = qmodel.passes(batch.input_ids, batch.attention_mask)
+                for out, (alpha_0, alpha_tilde) in zip(results, alphas):
+                    out.append(
+                        objective.pair_objective(
+                            passes.terms(batch.completion_mask, alpha_0, alpha_tilde),
+                            batch.chosen_index,
+                            batch.rejected_index,
+                            gamma=cfg.gamma,
+                            beta=cfg.beta,
+                            value_state=cfg.value_state,
+                            length_normalize=cfg.length_normalize,
+                        )
+                    )
             if on_batch is not None:
                 on_batch(len(index))
     finally:
         qmodel.peft_model.train(was_training)
-    return summarize(results)
+    return [summarize(r) for r in results]
 
 
 def summarize(results: list[objective.PairObjective]) -> PreferenceEval:

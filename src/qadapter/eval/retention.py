@@ -155,11 +155,12 @@ def paired_difference(method: Sequence[int], base: Sequence[int]) -> PairedDiffe
     return PairedDifference(mean, mean - half, mean + half, sum(x != 0 for x in d) / n, n)
 
 
-def wilson_interval(successes: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sensible also near 0 and 1)."""
+def wilson_interval(successes: float, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sensible also near 0 and 1); a fractional count
+    (ties as 1/2) is allowed."""
     if n == 0:
         return (0.0, 1.0)
     p, z = successes / n, 1.96
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))  # rounding must not exclude p itself

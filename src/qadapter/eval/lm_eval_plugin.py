@@ -1,0 +1,285 @@
+"""lm-evaluation-harness plugin: a Q-Adapter's customized policy as the lm-eval model ``qadapter``.
+
+Importing this module registers :class:`QAdapterLM` with lm-eval's model registry (its own
+extension point, ``register_model``); it is the only qadapter module that imports ``lm_eval``
+(``pip install 'qadapter[lmeval]'``). The class is a small subclass of lm-eval's Hugging Face
+model ``HFLM`` that overrides the two places where HFLM runs the model:
+
+* ``_model_call`` returns the customized policy's logits (Q + α₀ log π₁)/α̃ over the vocabulary
+  (arXiv 2407.03856, Eq. 7); HFLM takes ``log_softmax`` of them, i.e. log π̃, so ``loglikelihood``
+  and ``loglikelihood_rolling`` (both go through ``_loglikelihood_tokens`` → ``_model_call``)
+  score with π̃, never with the base or the adapted model alone.
+* ``_model_generate`` decodes with qadapter's two-pass decoder (:func:`qadapter.decode.generate_ids`),
+  so ``generate_until`` samples π̃ too, stopping at lm-eval's stop strings and token budget.
+
+lm-eval's CLI imports no plugins, so run it through this module, which registers the model and
+then hands its arguments to lm-eval's own CLI unchanged::
+
+    python -m qadapter.eval.lm_eval_plugin --model qadapter \\
+        --model_args adapter=runs/my-adapter,alpha_0=2 \\
+        --include_path examples/lm_eval --tasks arc_easy_local --device cpu
+
+or from Python::
+
+    import lm_eval
+    import qadapter.eval.lm_eval_plugin  # noqa: F401  (registers "qadapter")
+    lm_eval.simple_evaluate(model="qadapter", model_args="adapter=runs/my-adapter,alpha_0=2", tasks=["hellaswag"])
+
+Model arguments: ``adapter`` (required, a folder written by ``qadapter train``/``save_pretrained``),
+``alpha_0`` / ``alpha_tilde`` (override the adapter's dial), ``model`` (load a different copy of the
+base than the one recorded in the adapter), ``allow_base_mismatch``, ``device``, ``dtype``
+(``float32``, ``bfloat16``, ...; default as ``qadapter.load_base``), ``gen_chunk_tokens``, and the
+usual HFLM arguments that apply to an already loaded model (``batch_size``, ``max_batch_size``,
+``max_length``, ``truncation``, ``logits_cache``, ``add_bos_token``, ``prefix_token_id``,
+``softmax_dtype``, ``mixed_precision_dtype``, ...). From Python, ``QAdapterLM(qmodel=...)`` wraps an
+already loaded :class:`~qadapter.model.QAdapterModel` instead of loading ``adapter``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .. import objective
+from ..config import DecodeConfig
+from ..decode import generate_ids
+
+log = logging.getLogger(__name__)
+
+# Generation keyword arguments lm-eval tasks may pass that the customized policy's sampler implements.
+_SAMPLING_KWARGS = {"do_sample", "temperature", "top_p"}
+
+
+def _positive(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"qadapter: {name} must be a number > 0, got {value!r}") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"qadapter: {name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    """lm-eval's CLI passes ``cuda:0`` by default; fall back like HFLM where CUDA is absent."""
+    from ..hardware import default_device
+
+    if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        if device is not None:
+            log.warning("qadapter: device %r requested but CUDA is not available; using %s", str(device), default_device())
+        return default_device()
+    return torch.device(device)
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"qadapter: unknown dtype {dtype!r} (float32, bfloat16, float16 or auto)")
+    return value
+
+
+def load_qmodel(
+    adapter: str | Path,
+    *,
+    model: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_base_mismatch: bool = False,
+) -> Any:
+    """A :class:`~qadapter.model.QAdapterModel` for evaluation: the adapter on its recorded base
+    (or on ``model``), on ``device``, in ``dtype``."""
+    from ..checkpoint import read_adapter_meta
+    from ..model import QAdapterModel, load_base
+
+    torch_device, torch_dtype = _device(device), _dtype(dtype)
+    if torch_dtype is None:
+        return QAdapterModel.from_pretrained(adapter, model=model, device=torch_device, allow_base_mismatch=allow_base_mismatch)
+    _, base_meta, _ = read_adapter_meta(adapter)
+    revision = None if model else base_meta.get("revision")
+    if isinstance(revision, str) and revision.startswith("gguf-sha256:"):  # a content hash, not a hub revision
+        revision = None
+    base = load_base(model or base_meta["name"], revision=revision, device=torch_device, dtype=torch_dtype)
+    return QAdapterModel.from_pretrained(adapter, base=base, allow_base_mismatch=allow_base_mismatch)
+
+
+def _registered(cls: type) -> type:
+    """``@register_model("qadapter")``, except in the copy ``python -m`` runs as ``__main__``: that one
+    imports this module properly (see the bottom), which registers the class once under its real name."""
+    return cls if __name__ == "__main__" else register_model("qadapter")(cls)
+
+
+@_registered
+class QAdapterLM(HFLM):
+    """lm-eval's HFLM scoring and generating with a Q-Adapter's customized policy π̃."""
+
+    def __init__(
+        self,
+        adapter: str | None = None,
+        alpha_0: float | None = None,
+        alpha_tilde: float | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        allow_base_mismatch: bool = False,
+        gen_chunk_tokens: int = 32,
+        qmodel: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.pop("backend", "causal") not in ("causal", "default"):
+            raise ValueError("qadapter: only the causal backend is supported")
+        for unsupported in ("pretrained", "peft", "delta", "parallelize", "tp_plan", "tokenizer", "gguf_file"):
+            if kwargs.get(unsupported) not in (None, False):
+                raise ValueError(
+                    f"qadapter: '{unsupported}' is not supported; the base model and tokenizer come from the adapter "
+                    "(use adapter=DIR, and model=... to load the base from elsewhere)"
+                )
+            kwargs.pop(unsupported, None)
+        if qmodel is None:
+            if adapter is None:
+                raise ValueError("qadapter: model_args must name the adapter folder, e.g. adapter=runs/my-adapter")
+            qmodel = load_qmodel(adapter, model=model, device=device, dtype=dtype, allow_base_mismatch=allow_base_mismatch)
+        if len(getattr(qmodel, "adapters", None) or {None: None}) > 1:  # scoring below reads the active adapter's Q only
+            raise ValueError("qadapter: the lm-eval model scores one adapter; load a single adapter, not a composition")
+        self.qmodel = qmodel
+        self.adapter = None if adapter is None else str(adapter)
+        self.alpha_0 = _positive("alpha_0", qmodel.config.alpha_0 if alpha_0 is None else alpha_0)
+        self.alpha_tilde = _positive("alpha_tilde", qmodel.config.alpha_tilde if alpha_tilde is None else alpha_tilde)
+        if int(gen_chunk_tokens) < 1:
+            raise ValueError(f"qadapter: gen_chunk_tokens must be >= 1, got {gen_chunk_tokens!r}")
+        self.gen_chunk_tokens = int(gen_chunk_tokens)
+        self._ignored_warned: set[str] = set()
+        qmodel.peft_model.eval()
+        # HFLM holds the transformers model (with the LoRA layers injected) and its tokenizer; every
+        # forward it would run goes through the two overrides below instead.
+        super().__init__(pretrained=qmodel.peft_model.get_base_model(), tokenizer=qmodel.tokenizer, backend="causal", **kwargs)
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of π̃ at every position, (b, T) → (b, T, V) in float32.
+
+        HFLM right-pads its causal batches (with token 0) and reads no position past a row's own
+        length, so an all-ones mask gives every real position the logits it would have alone.
+        """
+        if attn_mask is not None or labels is not None:
+            raise NotImplementedError("qadapter evaluates causal LMs only")
+        precision = getattr(self, "mixed_precision_dtype", None)  # HFLM's mixed_precision_dtype argument, where it has one
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=precision, enabled=precision is not None):
+            q, base_logprobs = self.qmodel.q_and_base_logprobs(inps, torch.ones_like(inps))  # (b, T, V) each
+            return objective.combined_logits(q, base_logprobs, self.alpha_0, self.alpha_tilde)  # (b, T, V)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def _eos_ids(self) -> set[int]:
+        eos = {self.tokenizer.eos_token_id}
+        extra = getattr(self.qmodel.peft_model.generation_config, "eos_token_id", None)
+        eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+        return {e for e in eos if e is not None}
+
+    def _decode_config(self, max_new_tokens: int, generation_kwargs: dict[str, Any]) -> DecodeConfig:
+        ignored = sorted(set(generation_kwargs) - _SAMPLING_KWARGS - self._ignored_warned)
+        if ignored:
+            log.warning("qadapter: generation kwargs %s are not supported by the customized policy's sampler; ignored", ignored)
+            self._ignored_warned.update(ignored)
+        temperature = float(generation_kwargs.get("temperature") or 0.0)
+        if not generation_kwargs.get("do_sample", temperature > 0):
+            temperature = 0.0  # greedy, as HF generate with do_sample=False
+        top_p = generation_kwargs.get("top_p")
+        return DecodeConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=1.0 if top_p is None else float(top_p),
+            alpha_0=self.alpha_0,
+            alpha_tilde=self.alpha_tilde,
+            seed=None,  # draw from torch's global generator, which lm-eval seeds
+        )
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
+        """Context followed by the generated tokens, (b, T) → (b, T + n), right-padded after a row ends.
+
+        This is HF ``generate``'s contract, which ``generate_until`` relies on: it drops the first
+        T columns, decodes the rest and cuts the text at the first stop string. Tokens come from
+        :func:`qadapter.decode.generate_ids` in chunks of ``gen_chunk_tokens`` (doubling each time,
+        so at most about log2 of the budget re-reads of the prompt); a row leaves once it emitted EOS or
+        its text contains a stop string, and everything ends at ``max_length`` tokens in all.
+        """
+        attention_mask = generation_kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(context)
+        budget = int(max_length) - context.shape[1]
+        pad = self.tokenizer.pad_token_id
+        if budget < 1:
+            return context
+        eos = self._eos_ids()
+        stop = [s for s in (stop or []) if s]
+        produced: list[list[int]] = [[] for _ in range(context.shape[0])]
+        active = list(range(context.shape[0]))  # original row of each row of ids
+        ids, mask = context, attention_mask.to(context.dtype)
+        used, chunk = 0, self.gen_chunk_tokens
+        while active and used < budget:
+            n = min(chunk, budget - used)
+            new = generate_ids(self.qmodel, ids, mask, self._decode_config(n, dict(generation_kwargs))).to(ids.device)  # (r, m ≤ n)
+            keep = []
+            for j, row in enumerate(active):
+                tokens = new[j].tolist()
+                end = next((k for k, t in enumerate(tokens) if t in eos), None)
+                produced[row].extend(tokens if end is None else tokens[: end + 1])
+                if end is not None:
+                    continue
+                text = self.tok_decode(produced[row])  # as generate_until decodes it
+                if not any(s in text for s in stop):
+                    keep.append(j)
+            used += n
+            if not keep or new.shape[1] < n:  # generate_ids stops early only when every row has ended
+                break
+            index = torch.tensor(keep, device=ids.device)
+            ids = torch.cat([ids, new], dim=1)[index]
+            mask = torch.cat([mask, torch.ones_like(new, dtype=mask.dtype)], dim=1)[index]
+            active = [active[j] for j in keep]
+            chunk *= 2
+        width = max(len(p) for p in produced)
+        out = torch.full((context.shape[0], width), pad, dtype=context.dtype, device=context.device)
+        for row, tokens in enumerate(produced):
+            if tokens:
+                out[row, : len(tokens)] = torch.tensor(tokens, dtype=context.dtype)
+        return torch.cat([context, out], dim=1)
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def get_model_info(self) -> dict:
+        """What lm-eval records in ``results["config"]``: the adapter, its base and the dial (no hub look-up)."""
+        identity = self.qmodel.identity
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.qmodel.peft_model.parameters()),
+            "model_dtype": str(next(self.qmodel.peft_model.parameters()).dtype),
+            "model_revision": identity.revision,
+            "model_sha": "",
+            "qadapter_adapter": self.adapter,
+            "qadapter_base": identity.name,
+            "qadapter_q_form": self.qmodel.config.q_form,
+            "qadapter_alpha_0": self.alpha_0,
+            "qadapter_alpha_tilde": self.alpha_tilde,
+        }
+
+
+def main() -> None:
+    """``python -m qadapter.eval.lm_eval_plugin ARGS``: lm-eval's CLI with the ``qadapter`` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    from qadapter.eval import lm_eval_plugin  # the registering import
+
+    lm_eval_plugin.main()

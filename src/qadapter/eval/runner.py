@@ -1,0 +1,237 @@
+"""Methods side by side on the same items: retention, KL to base, held-out preference accuracy and
+judged win rate, in the ``results.json`` schema of :mod:`qadapter.eval.report`.
+
+Every finished stage (one benchmark of one adapter, one set of generations, …) is stored as JSON in
+a cache folder before the next starts, so an interrupted evaluation resumes where it stopped.
+Policies that share an adapter — the base, the customized policy and every point of the α₀ dial —
+are scored from the same forward passes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import write_json_atomic
+from ..collate import render, tokenize_pair
+from ..config import DecodeConfig
+from ..data import PreferenceRecord, read_records
+from ..progress import Progress
+from .benchmarks import DEFAULT_SIZES, ChoiceItem, load_benchmark
+from .judge import Judge, win_rate
+from .preference import evaluate_preferences_at
+from .report import qualifying_benchmarks, retention_mean
+from .retention import PolicySpec, choice_accuracy, choice_logliks, generation_correct, kl_to_base, paired_difference, wilson_interval
+
+PRIMARY_NORM = {"hellaswag", "piqa"}  # benchmarks whose headline metric is acc_norm (as lm-eval reports them)
+KL_SOURCE = "hh-rlhf/helpful-base/test.jsonl.gz"  # general conversations, unrelated to the new preference
+
+
+@dataclass
+class EvalPlan:
+    """What to measure, and on how much: the sizes are flags, the defaults fit a 135M model on two cores."""
+
+    data_root: Path
+    sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SIZES))
+    kl_texts: int = 40
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    seed: int = 0
+
+
+class StageCache:
+    """One JSON file per finished stage; a stage that has its file is not computed again."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        path = self.folder / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+        value = compute()
+        write_json_atomic(path, value)
+        return value
+
+
+def general_texts(tokenizer: Any, data_root: Path, n: int) -> list[tuple[str, str]]:
+    """(prompt, response) texts of general conversations for the KL measurement, chat-rendered."""
+    records = read_records(data_root / KL_SOURCE, skip_invalid=True).records[:n]
+    return [render(r, tokenizer)[:2] for r in records]
+
+
+@dataclass
+class Method:
+    """One adapter and the policies read from it; ``base`` adds the base policy to its passes."""
+
+    name: str
+    adapter: Path
+    policies: list[PolicySpec]
+    generate: list[str] = field(default_factory=list)  # policies that also answer by generation (GSM8K, win rate)
+
+
+def run_method(
+    qmodel: Any,
+    method: Method,
+    plan: EvalPlan,
+    pref_records: Sequence[PreferenceRecord],
+    win_prompts: Sequence[Any],
+    cache: StageCache,
+    bar: Progress,
+) -> dict[str, Any]:
+    """Raw per-item results of every policy of ``method`` (cached stage by stage)."""
+    raw: dict[str, Any] = {"retention": {}, "gsm8k": {}, "responses": {}}
+    for bench, n in plan.sizes.items():
+        items = load_benchmark(bench, plan.data_root, n=n, seed=plan.seed)
+        if isinstance(items[0], ChoiceItem):
+
+            def score(items: list = items, bench: str = bench) -> dict[str, Any]:
+                task = bar.add(f"{method.name}: {bench}", sum(len(i.choices) for i in items))
+                logliks = choice_logliks(qmodel, items, method.policies, batch_size=plan.batch_size, on_batch=lambda k: bar.advance(task, k))
+                bar.remove(task)
+                return {name: dict(zip(("acc", "acc_norm"), choice_accuracy(items, ll))) for name, ll in logliks.items()}
+
+            raw["retention"][bench] = cache.get(f"{method.name}/retention-{bench}", score)
+        else:
+            for policy in (p for p in method.policies if p.name in method.generate):
+                raw["gsm8k"][policy.name] = cache.get(
+                    f"{method.name}/{bench}-{policy.name}", lambda policy=policy, items=items: generation_correct(qmodel, items, policy)
+                )
+    texts = general_texts(qmodel.tokenizer, plan.data_root, plan.kl_texts)
+    raw["kl"] = cache.get(f"{method.name}/kl", lambda: kl_to_base(qmodel, texts, method.policies, batch_size=plan.batch_size // 2))
+    pairs = [tokenize_pair(r, qmodel.tokenizer, qmodel.config.max_length, qmodel.config.max_prompt_length) for r in pref_records]
+    scored = [p for p in method.policies if not p.base]
+
+    def preferences() -> dict[str, Any]:
+        task = bar.add(f"{method.name}: preferences", len(pairs))
+        evals = evaluate_preferences_at(qmodel, pairs, [(p.alpha_0, p.alpha_tilde) for p in scored], batch_size=plan.batch_size // 2, on_batch=lambda k: bar.advance(task, k))
+        bar.remove(task)
+        return {p.name: e.to_dict() for p, e in zip(scored, evals)}
+
+    raw["preferences"] = cache.get(f"{method.name}/preferences", preferences)
+    for policy in (p for p in method.policies if p.name in method.generate):
+        raw["responses"][policy.name] = cache.get(
+            f"{method.name}/responses-{policy.name}", lambda policy=policy: respond(qmodel, policy, win_prompts, plan, bar, method.name)
+        )
+    return raw
+
+
+def respond(qmodel: Any, policy: PolicySpec, prompts: Sequence[Any], plan: EvalPlan, bar: Progress, label: str) -> list[str]:
+    """Greedy answers of ``policy`` to the win-rate prompts (the chat template wraps them)."""
+    from ..decode import generate
+
+    config = DecodeConfig(max_new_tokens=plan.max_new_tokens, alpha_0=policy.alpha_0, alpha_tilde=policy.alpha_tilde)
+    task = bar.add(f"{label}: answers ({policy.name})", len(prompts))
+    answers = []
+    for start in range(0, len(prompts), plan.batch_size // 2):
+        chunk = list(prompts[start : start + plan.batch_size // 2])
+        answers += generate(qmodel, chunk, config, policy="base" if policy.base else "customized")
+        bar.advance(task, len(chunk))
+    bar.remove(task)
+    return answers
+
+
+def metrics(name: str, raw: dict[str, Any], base_raw: dict[str, Any], judge: Judge | None, prompts: Sequence[Any]) -> dict[str, Any]:
+    """The report's metrics of policy ``name``, differences paired against the base on the same items."""
+    out: dict[str, Any] = {"retention": {}, "retention_norm": {}, "retention_n": {}, "retention_diff": {}}
+    for bench, per_policy in raw["retention"].items():
+        mine, base = per_policy[name], base_raw["retention"][bench]["base"]
+        key = "acc_norm" if bench in PRIMARY_NORM else "acc"
+        out["retention"][bench] = sum(mine[key]) / len(mine[key])
+        out["retention_norm"][bench] = sum(mine["acc_norm"]) / len(mine["acc_norm"])
+        out["retention_n"][bench] = len(mine[key])
+        if name != "base":
+            out["retention_diff"][bench] = vars(paired_difference(mine[key], base[key]))
+    if name in raw["gsm8k"]:
+        correct = raw["gsm8k"][name]
+        out["retention"]["gsm8k"], out["retention_n"]["gsm8k"] = sum(correct) / len(correct), len(correct)
+        if name != "base":
+            out["retention_diff"]["gsm8k"] = vars(paired_difference(correct, base_raw["gsm8k"]["base"]))
+    out["kl_to_base"] = 0.0 if name == "base" else raw["kl"].get(name)
+    pref = raw["preferences"].get(name)
+    out["pref_accuracy"] = pref["accuracy"] if pref else None
+    if pref:
+        out["pref_accuracy_ci"] = list(wilson_interval(round(pref["accuracy"] * pref["n_pairs"]), pref["n_pairs"]))
+        out["pref_n"] = pref["n_pairs"]
+    out["win_rate_vs_base"] = None
+    if judge is not None and name != "base" and name in raw["responses"]:
+        wr = win_rate(judge, prompts, raw["responses"][name], base_raw["responses"]["base"])
+        out["win_rate_vs_base"], out["win_rate_ci"], out["win_n"] = wr.rate, [wr.low, wr.high], wr.n
+    return out
+
+
+def sweep_rows(raw: dict[str, Any], base_raw: dict[str, Any], judge: Judge | None, prompts: Sequence[Any], dial: Sequence[PolicySpec], keep: list[str]) -> list[dict[str, Any]]:
+    """One row per point of the α₀ dial."""
+    rows = []
+    for policy in dial:
+        m = metrics(policy.name, raw, base_raw, judge, prompts)
+        rows.append(
+            {
+                "alpha_0": policy.alpha_0,
+                "alpha_tilde": policy.alpha_tilde,
+                "retention_mean": retention_mean(m, keep),
+                "pref_accuracy": m["pref_accuracy"],
+                "win_rate_vs_base": m["win_rate_vs_base"],
+                "kl_to_base": m["kl_to_base"],
+            }
+        )
+    return rows
+
+
+def dial_policies(alphas: Sequence[float], tie_alpha_tilde: bool, alpha_tilde: float) -> list[PolicySpec]:
+    """Points of the forgetting dial. Tied (α̃ = α₀): π̃ ∝ π₁·exp(Q/α₀), the residual form's dial from
+    'the adapted policy' (small α₀) to 'the base' (large α₀); untied: α̃ fixed."""
+    return [PolicySpec(f"alpha_0={a:g}", a, a if tie_alpha_tilde else alpha_tilde) for a in alphas]
+
+
+def evaluate(
+    methods: dict[str, Path],
+    plan: EvalPlan,
+    pref_records: Sequence[PreferenceRecord],
+    win_prompts: Sequence[Any],
+    cache_dir: str | Path,
+    *,
+    judge: Judge | None = None,
+    sweep: Sequence[float] = (),
+    sweep_method: str | None = None,
+    tie_alpha_tilde: bool = True,
+    progress: bool = True,
+    load: Callable[[Path], Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate each adapter in ``methods`` (name → folder) and the base; sweep the dial of ``sweep_method``.
+
+    Returns ``{"methods": {name: metrics}, "sweep": [...]}``; the base is read from the passes of the
+    first method.
+    """
+    if load is None:
+        from ..model import QAdapterModel
+
+        load = QAdapterModel.from_pretrained
+    cache = StageCache(cache_dir)
+    sweep_method = sweep_method or next(iter(methods))
+    raws: dict[str, Any] = {}
+    dial: list[PolicySpec] = []
+    with Progress(enabled=progress) as bar:
+        for i, (name, adapter) in enumerate(methods.items()):
+            qmodel = load(adapter)
+            own = PolicySpec(name, qmodel.config.alpha_0, qmodel.config.alpha_tilde)
+            policies = ([PolicySpec("base", base=True)] if i == 0 else []) + [own]
+            if name == sweep_method and sweep:
+                dial = dial_policies(sweep, tie_alpha_tilde, qmodel.config.alpha_tilde)
+                policies += dial
+            generate = [p.name for p in policies]
+            raws[name] = run_method(qmodel, Method(name, adapter, policies, generate), plan, pref_records, win_prompts, cache, bar)
+            del qmodel
+    first = next(iter(methods))
+    base_raw = raws[first]
+    results: dict[str, Any] = {"methods": {"base": metrics("base", base_raw, base_raw, judge, win_prompts)}}
+    for name in methods:
+        results["methods"][name] = metrics(name, raws[name], base_raw, judge, win_prompts)
+    results["methods"]["base"]["pref_accuracy"] = None
+    if dial:
+        keep = qualifying_benchmarks(results["methods"]["base"])
+        results["sweep"] = sweep_rows(raws[sweep_method], base_raw, judge, win_prompts, dial, keep)
+    return results
