@@ -444,8 +444,8 @@ def worker_decode(args: argparse.Namespace) -> dict[str, Any]:
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     qmodel.peft_model.eval()
-    decode_config = DecodeConfig(
-        max_new_tokens=args.new_tokens, temperature=0.0, alpha_0=DECODE_ALPHA_0, alpha_tilde=DECODE_ALPHA_TILDE
+    decode_config = DecodeConfig(  # min = max: both methods generate exactly --new-tokens per row
+        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, temperature=0.0, alpha_0=DECODE_ALPHA_0, alpha_tilde=DECODE_ALPHA_TILDE
     )
     pad = qmodel.tokenizer.pad_token_id
     result: dict[str, Any] = {"plan_digest": plan.digest()}
@@ -455,7 +455,7 @@ def worker_decode(args: argparse.Namespace) -> dict[str, Any]:
         ids, mask = ids.to(device), mask.to(device)
 
         def customized() -> int:
-            return generate_ids(qmodel, ids, mask, decode_config).shape[1]  # steps taken (stops when every row hit EOS)
+            return generate_ids(qmodel, ids, mask, decode_config).shape[1]
 
         steps = customized()  # warm-up; greedy, so every repeat takes the same number of steps
 
@@ -478,7 +478,7 @@ def worker_decode(args: argparse.Namespace) -> dict[str, Any]:
                 timings[name].append(rows * steps / (time.perf_counter() - started))
         result[f"batch{rows}"] = {
             "new_tokens_requested": args.new_tokens,
-            "steps": steps,  # new tokens per row, both methods (customized may stop early at EOS)
+            "steps": steps,  # new tokens per row, both methods
             "tokens_per_run": rows * steps,
             "customized_tokens_per_s": summary(timings["customized"]),
             "base_tokens_per_s": summary(timings["base"]),

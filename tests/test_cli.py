@@ -77,3 +77,19 @@ def test_bad_option_value_names_the_field(tmp_path, data_file):
     """An out-of-range setting is reported with the field name before anything is loaded."""
     proc = subprocess.run([sys.executable, "-m", "qadapter", "train", "--data", str(data_file), "--alpha-0", "-1", "--output", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2 and "alpha_0 must be > 0" in proc.stderr
+
+
+def test_train_without_data_uses_the_default_dataset(tiny_model_dir, tmp_path, monkeypatch):
+    """`qadapter train` with no --data reads DSP from the shared data folder with the 'academy' preference."""
+    folder = tmp_path / "shared" / "dsp"
+    folder.mkdir(parents=True)
+    styles = {"academy": "the answer is good and very nice", "business": "bad", "normal": "no", "literature": "maybe so"}
+    rows = [{"query": f"tell me about the {w}", "responses": styles} for w in ("cat", "dog", "mat", "log", "red", "blue", "big", "small")]
+    (folder / "domain_specific_preference.json").write_text(json.dumps(rows))
+    monkeypatch.setenv("QADAPTER_DATA_DIR", str(tmp_path / "shared"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--output", str(out), "--max-steps", "1", "--no-progress"])
+    assert result.exception is None and result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prefer"] == "academy" and metrics["data"].endswith("domain_specific_preference.json")
+    assert metrics["n_train_pairs"] + metrics["n_eval_pairs"] == 8 * 3

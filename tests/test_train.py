@@ -117,3 +117,16 @@ def test_nonfinite_loss_is_skipped_or_stops(tiny_model_dir, split, tmp_path, mon
     calls["n"] = 0
     with pytest.raises(NonFiniteLoss, match="step 1"):
         train(cfg, train_records, [], tmp_path / "stop", model=str(tiny_model_dir), progress=False, log=lambda s: None, on_nonfinite="stop")
+
+
+def test_two_runs_never_share_an_output_folder(tiny_model_dir, split, tmp_path):
+    """While one run holds the folder, a second one is refused with a clear message."""
+    import fcntl
+
+    train_records, _ = split
+    lock_path = tmp_path / ".run.lock"
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running train() holds it
+        with pytest.raises(ConfigError, match="in use by another training run"):
+            train(QAdapterConfig(max_steps=1, **FAST), train_records, [], tmp_path / "run", model=str(tiny_model_dir), progress=False, log=lambda s: None)
+    train(QAdapterConfig(max_steps=1, **FAST), train_records, [], tmp_path / "run", model=str(tiny_model_dir), progress=False, log=lambda s: None)

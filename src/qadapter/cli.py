@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import typing
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -19,6 +20,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from .config import ADAPTER_NAME, DecodeConfig, QAdapterConfig
+from .data import shared_data_dir
 from .errors import ConfigError, QAdapterError
 
 app = typer.Typer(
@@ -30,11 +32,11 @@ app = typer.Typer(
 )
 
 # The main job when --data is omitted: DSP (Cheng et al., 2023), "academy" style preferred over the
-# other four; 120 training queries (480 pairs) and 25 held-out queries (≈100 pairs), about 20 minutes
-# on two CPU cores for the bundled model.
+# other four; 120 training queries (480 pairs, 120 steps) and 25 held-out queries (≈100 pairs),
+# evaluated before and after training only (≈2 min each): about 20 minutes on two CPU cores.
 DEFAULT_DATA = "dsp/domain_specific_preference.json"  # relative to the shared data folder
 DEFAULT_PREFER = "academy"
-DEFAULT_SLICE = {"max_train_pairs": 480, "max_eval_pairs": 100}
+DEFAULT_SLICE = {"max_train_pairs": 480, "max_eval_pairs": 100, "eval_every": 120}
 
 
 def config_options(config_cls: type, panel: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -76,24 +78,77 @@ def _console():
     return Console(stderr=True)
 
 
+# Options shared by several commands, declared once.
+BaseModelOption = Annotated[str, typer.Option("--model", help="Base model: 'bundled' (SmolLM2-135M-Instruct), a hub id, a local folder, or a .gguf file.")]
+DataOption = Annotated[Optional[str], typer.Option(help="Preference data: .jsonl/.json(.gz) file or a datasets name. Default: DSP from the shared data folder.")]
+PreferOption = Annotated[Optional[str], typer.Option(help="For multi-response records ({query, responses: {style: text}}): the preferred style.")]
+EvalFractionOption = Annotated[float, typer.Option(help="Fraction of prompts held out for evaluation (split by prompt, never by pair; same split in every command).")]
+MaxTrainOption = Annotated[Optional[int], typer.Option(help="Use at most this many training pairs (whole prompts); default data: 480.")]
+MaxEvalOption = Annotated[Optional[int], typer.Option(help="Evaluate on at most this many held-out pairs (whole prompts); default data: 100.")]
+SkipInvalidOption = Annotated[bool, typer.Option(help="Skip malformed records (counted and reported) instead of stopping.")]
+PrecisionOption = Annotated[str, typer.Option(help="'auto' (bf16 only where the hardware has it), 'no', 'bf16' or 'fp16'.")]
+ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
+
+
+@dataclass
+class _Split:
+    """The data as every command sees it: split by prompt with the config's seed, then sliced."""
+
+    data: str
+    prefer: str | None
+    train: list
+    held_out: list
+    train_slice: list
+    eval_slice: list
+
+
+def _split_data(
+    config: QAdapterConfig,
+    data: str | None,
+    prefer: str | None,
+    eval_fraction: float,
+    max_train_pairs: int | None,
+    max_eval_pairs: int | None,
+    skip_invalid: bool,
+    console: Any,
+) -> _Split:
+    from .data import read_records, split_by_prompt
+
+    if data is None:  # the main job: the default data and slice unless sizes are given
+        data, prefer = str(shared_data_dir() / DEFAULT_DATA), prefer or DEFAULT_PREFER
+        max_train_pairs = max_train_pairs or DEFAULT_SLICE["max_train_pairs"]
+        max_eval_pairs = max_eval_pairs or DEFAULT_SLICE["max_eval_pairs"]
+    report = read_records(data, prefer=prefer, skip_invalid=skip_invalid)
+    if report.skipped:
+        console.print(f"skipped {len(report.skipped)} record(s), e.g. {report.skipped[0]}")
+    train_records, held_out = split_by_prompt(report.records, eval_fraction, seed=config.seed)
+    split = _Split(data, prefer, train_records, held_out, _limit(train_records, max_train_pairs), _limit(held_out, max_eval_pairs))
+    console.print(f"data: {data} ({len(report.records)} pairs) → {len(split.train_slice)} train / {len(split.eval_slice)} held-out pairs")
+    return split
+
+
+def _command_line() -> str:
+    return " ".join(["qadapter", *sys.argv[1:]])
+
+
 @app.command(rich_help_panel="Train")
 @config_options(QAdapterConfig, "Q-Adapter settings")
 def train(
-    model: Annotated[str, typer.Option(help="Base model: 'bundled' (SmolLM2-135M-Instruct), a hub id, a local folder, or a .gguf file.")] = "bundled",
-    data: Annotated[Optional[str], typer.Option(help="Preference data: .jsonl/.json(.gz) file or a datasets name. Default: DSP from the shared data folder.")] = None,
-    prefer: Annotated[Optional[str], typer.Option(help="For multi-response records ({query, responses: {style: text}}): the preferred style.")] = None,
+    model: BaseModelOption = "bundled",
+    data: DataOption = None,
+    prefer: PreferOption = None,
     output: Annotated[Path, typer.Option(help="Run folder: adapter/, metrics.json, checkpoints/.")] = Path("runs/qadapter"),
-    eval_fraction: Annotated[float, typer.Option(help="Fraction of prompts held out for evaluation (split by prompt, never by pair).")] = 0.2,
-    max_train_pairs: Annotated[Optional[int], typer.Option(help="Use at most this many training pairs (whole prompts); default data: 480.")] = None,
-    max_eval_pairs: Annotated[Optional[int], typer.Option(help="Evaluate on at most this many held-out pairs (whole prompts); default data: 100.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: 4 times per run).")] = None,
-    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (default: with each evaluation).")] = None,
+    eval_fraction: EvalFractionOption = 0.2,
+    max_train_pairs: MaxTrainOption = None,
+    max_eval_pairs: MaxEvalOption = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: 4 times per run; default data: at the end only).")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (default: 4 times per run).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its latest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --output.")] = False,
-    skip_invalid: Annotated[bool, typer.Option(help="Skip malformed records (counted and reported) instead of stopping.")] = False,
+    skip_invalid: SkipInvalidOption = False,
     on_nonfinite: Annotated[str, typer.Option(help="On a NaN/inf loss or gradient: 'skip' the update or 'stop' the run.")] = "skip",
-    mixed_precision: Annotated[str, typer.Option(help="'auto' (bf16 only where the hardware has it), 'no', 'bf16' or 'fp16'.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    mixed_precision: PrecisionOption = "auto",
+    progress: ProgressOption = True,
     num_processes: Annotated[int, typer.Option(help="Data-parallel processes on this machine (runs `accelerate launch` for you).")] = 1,
     **options: Any,
 ) -> None:
@@ -101,26 +156,18 @@ def train(
     config = pick(QAdapterConfig, options)
     if num_processes > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_relaunch(num_processes))
-    from .data import read_records, split_by_prompt
     from .train import TrainingInterrupted, train as run_training
 
     console = _console()
-    if data is None:  # the main job: the default slice unless sizes are given
-        data, prefer = str(shared_data_dir() / DEFAULT_DATA), prefer or DEFAULT_PREFER
-        max_train_pairs = max_train_pairs or DEFAULT_SLICE["max_train_pairs"]
-        max_eval_pairs = max_eval_pairs or DEFAULT_SLICE["max_eval_pairs"]
-    report = read_records(data, prefer=prefer, skip_invalid=skip_invalid)
-    if report.skipped:
-        console.print(f"skipped {len(report.skipped)} record(s), e.g. {report.skipped[0]}")
-    train_records, eval_records = split_by_prompt(report.records, eval_fraction, seed=config.seed)
-    train_records, eval_records = _limit(train_records, max_train_pairs), _limit(eval_records, max_eval_pairs)
-    console.print(f"data: {data} ({len(report.records)} pairs) → {len(train_records)} train / {len(eval_records)} held-out pairs")
-    run_info = {"data": data, "prefer": prefer, "command": " ".join(["qadapter", *sys.argv[1:]])}
+    if data is None:  # the main job evaluates before and after only: each evaluation costs ≈2 min on two cores
+        eval_every = eval_every or DEFAULT_SLICE["eval_every"]
+    split = _split_data(config, data, prefer, eval_fraction, max_train_pairs, max_eval_pairs, skip_invalid, console)
+    run_info = {"data": split.data, "prefer": split.prefer, "command": _command_line()}
     try:
         result = run_training(
             config,
-            train_records,
-            eval_records,
+            split.train_slice,
+            split.eval_slice,
             output,
             model=model,
             resume=resume,
@@ -154,12 +201,12 @@ class BaselineMethod(str, Enum):
 @config_options(QAdapterConfig, "Shared settings (LoRA, optimisation, sequences; the Q-Adapter method fields are unused)")
 def baseline(
     method: Annotated[BaselineMethod, typer.Argument(help="sft: SFT on chosen responses; dpo: TRL's DPOTrainer; replay: DPO or SFT with base-model replay data mixed in.")],
-    model: Annotated[str, typer.Option(help="Base model: 'bundled' (SmolLM2-135M-Instruct), a hub id, a local folder, or a .gguf file.")] = "bundled",
-    data: Annotated[Optional[str], typer.Option(help="Preference data, as for `qadapter train` (the same split and held-out prompts). Default: DSP from the shared data folder.")] = None,
-    prefer: Annotated[Optional[str], typer.Option(help="For multi-response records ({query, responses: {style: text}}): the preferred style.")] = None,
+    model: BaseModelOption = "bundled",
+    data: DataOption = None,
+    prefer: PreferOption = None,
     output: Annotated[Optional[Path], typer.Option(help="Run folder: adapter/ (with baseline.json) and the replay cache. Default: runs/baseline-METHOD.")] = None,
-    eval_fraction: Annotated[float, typer.Option(help="Fraction of prompts held out, as for `qadapter train` (never trained on, never replayed).")] = 0.2,
-    max_train_pairs: Annotated[Optional[int], typer.Option(help="Use at most this many training pairs (whole prompts); default data: as `qadapter train`.")] = None,
+    eval_fraction: EvalFractionOption = 0.2,
+    max_train_pairs: MaxTrainOption = None,
     beta_dpo: Annotated[float, typer.Option(help="DPO's β (dpo, and replay with --replay-base dpo).")] = 0.1,
     replay_base: Annotated[str, typer.Option(help="replay: train with 'dpo' or 'sft'.")] = "dpo",
     replay_fraction: Annotated[float, typer.Option(help="replay: fraction of all training rows that are replay rows, in (0, 1).")] = 0.25,
@@ -167,33 +214,25 @@ def baseline(
     replay_max_new_tokens: Annotated[Optional[int], typer.Option(help="replay: longest base response (default: max_length − max_prompt_length).")] = None,
     replay_temperature: Annotated[float, typer.Option(help="replay: sampling temperature of the base responses (1: the base's own distribution; 0: greedy).")] = 1.0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter in --output (the replay cache is kept).")] = False,
-    skip_invalid: Annotated[bool, typer.Option(help="Skip malformed records (counted and reported) instead of stopping.")] = False,
-    mixed_precision: Annotated[str, typer.Option(help="'auto' (bf16 only where the hardware has it), 'no', 'bf16' or 'fp16'.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show progress bars and TRL's log lines.")] = True,
+    skip_invalid: SkipInvalidOption = False,
+    mixed_precision: PrecisionOption = "auto",
+    progress: ProgressOption = True,
     **options: Any,
 ) -> None:
     """Train a peer with TRL on the same data and LoRA settings as `qadapter train`, saved as an adapter folder."""
     config = pick(QAdapterConfig, options)
-    from .data import read_records, split_by_prompt
+    from .data import read_records
     from .eval.baselines import train_baseline
 
     console = _console()
     output = output or Path(f"runs/baseline-{method.value}")
     if (output / "adapter").exists() and not overwrite:
         raise ConfigError(f"{output / 'adapter'} exists: pass --overwrite to replace it, or choose another --output")
-    if data is None:  # the main job's default slice, as `qadapter train`
-        data, prefer = str(shared_data_dir() / DEFAULT_DATA), prefer or DEFAULT_PREFER
-        max_train_pairs = max_train_pairs or DEFAULT_SLICE["max_train_pairs"]
-    report = read_records(data, prefer=prefer, skip_invalid=skip_invalid)
-    if report.skipped:
-        console.print(f"skipped {len(report.skipped)} record(s), e.g. {report.skipped[0]}")
-    train_records, held_out = split_by_prompt(report.records, eval_fraction, seed=config.seed)
-    train_records = _limit(train_records, max_train_pairs)
-    console.print(f"data: {data} ({len(report.records)} pairs) → {len(train_records)} train pairs, {len(held_out)} held out")
+    split = _split_data(config, data, prefer, eval_fraction, max_train_pairs, None, skip_invalid, console)
     replay = read_records(replay_prompts, skip_invalid=skip_invalid).records if method == BaselineMethod.replay and replay_prompts else None
     adapter_dir = train_baseline(
         method.value,
-        train_records,
+        split.train_slice,
         output,
         model=model,
         config=config,
@@ -203,13 +242,156 @@ def baseline(
         replay_base=replay_base,
         replay_max_new_tokens=replay_max_new_tokens,
         replay_temperature=replay_temperature,
-        held_out_records=held_out,
+        held_out_records=split.held_out,
         mixed_precision=mixed_precision,
         progress=progress,
         log=console.print,
-        run_info={"data": data, "prefer": prefer, "replay_prompts": replay_prompts, "command": " ".join(["qadapter", *sys.argv[1:]])},
+        run_info={"data": split.data, "prefer": split.prefer, "replay_prompts": replay_prompts, "command": _command_line()},
     )
     console.print(f"adapter: {adapter_dir}")
+
+
+NamedAdapters = Annotated[
+    list[str],
+    typer.Option("--adapter", metavar="NAME=DIR", help="A method to evaluate, as NAME=DIR (adapter or run folder); repeat. The first is the one swept and fixes the data split's seed."),
+]
+SizesOption = Annotated[str, typer.Option(help="Items per retention benchmark, NAME=N,… (benchmarks: arc_easy, piqa, hellaswag, boolq, mmlu, gsm8k).")]
+SweepOption = Annotated[str, typer.Option(help="α₀ values of the forgetting dial, comma-separated; α̃ is tied to α₀ (π̃ ∝ π₁·exp(Q/α₀)). Empty: no sweep.")]
+JudgeOption = Annotated[str, typer.Option(help="'builtin' (a bag-of-words judge trained on the training split) or a Hugging Face reward model.")]
+WinPromptsOption = Annotated[int, typer.Option(help="Held-out prompts every policy answers for the judged win rate.")]
+
+
+def _named(values: list[str]) -> dict[str, Path]:
+    named: dict[str, Path] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not ADAPTER_NAME.fullmatch(name) or name in named or name == "base":
+            raise ConfigError(f"--adapter {value}: give each method a distinct NAME=DIR (NAME: letters, digits, _ or -; not 'base')")
+        named[name] = _adapter_path(Path(folder))
+    return named
+
+
+def _plan(sizes: str, max_new_tokens: int) -> Any:
+    from .eval.benchmarks import DEFAULT_SIZES
+    from .eval.runner import EvalPlan
+
+    chosen = dict(DEFAULT_SIZES)
+    for part in filter(None, (p.strip() for p in sizes.split(","))):
+        name, sep, n = part.partition("=")
+        if not sep or name not in DEFAULT_SIZES or not n.isdigit():
+            raise ConfigError(f"--sizes: expected NAME=N with NAME in {', '.join(DEFAULT_SIZES)}, got {part!r}")
+        chosen[name] = int(n)
+    return EvalPlan(data_root=shared_data_dir(), sizes={k: v for k, v in chosen.items() if v > 0}, max_new_tokens=max_new_tokens)
+
+
+def _alphas(sweep: str) -> list[float]:
+    try:
+        values = [float(a) for a in sweep.split(",") if a.strip()]
+    except ValueError:
+        raise ConfigError(f"--sweep: expected comma-separated numbers, got {sweep!r}") from None
+    if any(not v > 0 for v in values):
+        raise ConfigError(f"--sweep: every α₀ must be > 0, got {sweep!r}")
+    return values
+
+
+def _prompts(records: list, n: int) -> list:
+    """The first ``n`` distinct held-out prompts."""
+    return list({r.prompt_key: r.prompt for r in records}.values())[:n]
+
+
+@app.command(name="eval", rich_help_panel="Evaluate")
+def evaluate_(
+    adapter: NamedAdapters,
+    output: Annotated[Path, typer.Option(help="Report folder: report.md, results.json, dial.png/csv, cache/ (resumable).")] = Path("reports/eval"),
+    data: DataOption = None,
+    prefer: PreferOption = None,
+    eval_fraction: EvalFractionOption = 0.2,
+    max_eval_pairs: MaxEvalOption = None,
+    win_prompts: WinPromptsOption = 40,
+    sizes: SizesOption = "",
+    sweep: SweepOption = "",
+    judge: JudgeOption = "builtin",
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated for the win rate.")] = 128,
+    progress: ProgressOption = True,
+) -> None:
+    """Evaluate methods side by side: retention (paired vs the base), KL to base, held-out preference accuracy, judged win rate."""
+    from .checkpoint import read_adapter_meta
+    from .eval.experiment import evaluate_and_report, prepare_judge
+
+    adapters = _named(adapter)
+    config, base, _ = read_adapter_meta(next(iter(adapters.values())))
+    console = _console()
+    split = _split_data(config, data, prefer, eval_fraction, None, max_eval_pairs, False, console)
+    prepared = prepare_judge(judge, output / "judge", split.train, split.held_out)
+    console.print(f"judge: {prepared[1]['name']}, held-out pairwise accuracy {prepared[1]['accuracy']:.3f} on {prepared[1]['n']} pairs")
+    info = {"model": base.get("name"), "data": f"{split.data} (prefer={split.prefer})", "command": _command_line()}
+    evaluate_and_report(output, adapters, _plan(sizes, max_new_tokens), split.eval_slice, _prompts(split.held_out, win_prompts), prepared, sweep=_alphas(sweep), info=info, progress=progress)
+    console.print(f"report: {output / 'report.md'}")
+
+
+@app.command(rich_help_panel="Evaluate")
+def sweep(
+    adapter: Annotated[Path, typer.Option(help="The Q-Adapter to sweep (adapter or run folder).")],
+    alpha_0: Annotated[str, typer.Option("--alpha-0", help="α₀ values, comma-separated; α̃ is tied to α₀.")] = "0.25,0.5,1,2,4,8",
+    peer: Annotated[Optional[list[str]], typer.Option("--peer", metavar="NAME=DIR", help="Other methods to show as points on the same plot; repeat.")] = None,
+    output: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/sweep"),
+    data: DataOption = None,
+    prefer: PreferOption = None,
+    eval_fraction: EvalFractionOption = 0.2,
+    max_eval_pairs: MaxEvalOption = None,
+    win_prompts: WinPromptsOption = 40,
+    sizes: SizesOption = "",
+    judge: JudgeOption = "builtin",
+    progress: ProgressOption = True,
+) -> None:
+    """One adapter at several α₀ without retraining: retention vs alignment (plot, CSV, JSON)."""
+    evaluate_(
+        [f"qadapter={adapter}", *(peer or [])], output, data, prefer, eval_fraction, max_eval_pairs, win_prompts, sizes, alpha_0, judge, 128, progress
+    )
+
+
+@app.command(rich_help_panel="Evaluate")
+@config_options(QAdapterConfig, "Settings shared by Q-Adapter and its peers")
+def experiment(
+    output: Annotated[Path, typer.Option(help="Experiment folder: qadapter/, sft/, dpo/, replay/, judge/, cache/, report.md, results.json.")] = Path("experiments/dsp-academy"),
+    model: BaseModelOption = "bundled",
+    data: DataOption = None,
+    prefer: PreferOption = None,
+    eval_fraction: EvalFractionOption = 0.2,
+    max_train_pairs: MaxTrainOption = None,
+    max_eval_pairs: MaxEvalOption = None,
+    win_prompts: WinPromptsOption = 40,
+    sizes: SizesOption = "",
+    sweep: SweepOption = "0.25,0.5,1,2,4,8",
+    judge: JudgeOption = "builtin",
+    peers: Annotated[str, typer.Option(help="Peers to train and compare, among sft, dpo, replay.")] = "sft,dpo,replay",
+    progress: ProgressOption = True,
+    **options: Any,
+) -> None:
+    """Train Q-Adapter and its peers on the same data, evaluate all side by side, sweep the dial, write the report. Resumable."""
+    from .eval.experiment import run_experiment
+
+    config = pick(QAdapterConfig, options)
+    console = _console()
+    split = _split_data(config, data, prefer, eval_fraction, max_train_pairs, max_eval_pairs, False, console)
+    info = {"model": model, "data": f"{split.data} (prefer={split.prefer})", "command": _command_line()}
+    run_experiment(
+        output,
+        split.train_slice,
+        split.eval_slice,
+        (split.train, split.held_out),
+        _prompts(split.held_out, win_prompts),
+        config=config,
+        plan=_plan(sizes, 128),
+        model=model,
+        peers=[p for p in peers.split(",") if p],
+        sweep=_alphas(sweep),
+        judge=judge,
+        info=info,
+        progress=progress,
+        log=console.print,
+    )
+    console.print(f"report: {output / 'report.md'}")
 
 
 def _relaunch(num_processes: int) -> int:

@@ -87,7 +87,10 @@ class QAdapterConfig:
     max_steps: int | None = field(default=None, metadata=_help("Stop after this many optimizer steps (overrides epochs)."))
     seed: int = field(default=0, metadata=_help("Seed for LoRA initialisation, data order and dropout."))
     # --- sequences ------------------------------------------------------------------------------
-    max_length: int = field(default=256, metadata=_help("Maximum tokens of prompt + response; longer pairs are truncated."))
+    max_length: int = field(
+        default=192,
+        metadata=_help("Maximum tokens of prompt + response; longer pairs are truncated (raise it for long conversations; cost grows with it)."),
+    )
     max_prompt_length: int = field(
         default=128,
         metadata=_help(

@@ -11,8 +11,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import objective
+from .checkpoint import atomic_dir
 from .collate import PreferenceBatch
 from .config import QAdapterConfig
 from .errors import ModelError
@@ -72,7 +71,6 @@ def convert_gguf(gguf_path: Path) -> tuple[Path, str]:
     marker = target / "qadapter_source.json"
     if marker.is_file():
         return target, json.loads(marker.read_text())["sha256"]
-    target.parent.mkdir(parents=True, exist_ok=True)
     quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     config_dict = quantized.config.to_dict()
@@ -81,19 +79,11 @@ def convert_gguf(gguf_path: Path) -> tuple[Path, str]:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:  # a crash leaves no half-converted model behind
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         sha = _sha256(gguf_path)
         (tmp / "qadapter_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": sha}))
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target, sha
 
 
@@ -326,6 +316,19 @@ class QAdapterModel:
             h_base = _final_hidden(self.peft_model, input_ids, attention_mask)  # (n, T, d)
         h_adapter = _final_hidden(module if module is not None else self.peft_model, input_ids, attention_mask)  # (n, T, d)
         return Passes(self, input_ids, h_adapter=h_adapter, h_base=h_base)
+
+    def pair_objective(self, terms: objective.TokenTerms, batch: PreferenceBatch) -> objective.PairObjective:
+        """The Q-Adapter objective of ``batch``'s pairs with this adapter's γ, β and reward options."""
+        cfg = self.config
+        return objective.pair_objective(
+            terms,
+            batch.chosen_index,
+            batch.rejected_index,
+            gamma=cfg.gamma,
+            beta=cfg.beta,
+            value_state=cfg.value_state,  # type: ignore[arg-type]
+            length_normalize=cfg.length_normalize,
+        )
 
     def score(
         self, batch: PreferenceBatch, module: Any = None, alpha_0: float | None = None, alpha_tilde: float | None = None

@@ -95,6 +95,20 @@ class _StopFlag:
                 signal.signal(sig, old)
 
 
+@contextlib.contextmanager
+def _exclusive(output: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside the run folder for as long as the run writes into it."""
+    import fcntl
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output.parent / f".{output.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{output} is in use by another training run") from None
+        yield
+
+
 def _prepare_output(output: Path, resume: bool, overwrite: bool) -> Path | None:
     """Refuse to clobber an earlier run silently; return the checkpoint to resume from, if any."""
     if resume:
@@ -153,169 +167,163 @@ def train(
     is_main = accelerator.is_main_process
     if not is_main:  # only rank 0 talks, writes checkpoints and reports
         log = lambda message: None  # noqa: E731
-    resume_from = _prepare_output(output, resume, overwrite) if is_main else None
-    resume_from = _broadcast(resume_from, accelerator)
-    set_seed(config.seed)
+    with contextlib.ExitStack() as held:
+        if is_main:  # two runs must never write into one folder
+            held.enter_context(_exclusive(output))
+        resume_from = _prepare_output(output, resume, overwrite) if is_main else None
+        resume_from = _broadcast(resume_from, accelerator)
+        set_seed(config.seed)
 
-    # --- model ----------------------------------------------------------------------------------
-    base = base or load_base(model, device=accelerator.device)
-    if resume_from is not None:
-        qmodel = load_adapter(resume_from, base=base, is_trainable=True)
-        if qmodel.config != config:
-            raise ConfigError(f"{resume_from} was trained with different settings; resume with the same config")
-    else:
-        qmodel = QAdapterModel.create(base, config)
-    extra_eos = getattr(base.model.generation_config, "eos_token_id", None)
+        # --- model ----------------------------------------------------------------------------------
+        base = base or load_base(model, device=accelerator.device)
+        if resume_from is not None:
+            qmodel = load_adapter(resume_from, base=base, is_trainable=True)
+            if qmodel.config != config:
+                raise ConfigError(f"{resume_from} was trained with different settings; resume with the same config")
+        else:
+            qmodel = QAdapterModel.create(base, config)
+        extra_eos = getattr(base.model.generation_config, "eos_token_id", None)
 
-    # --- data -----------------------------------------------------------------------------------
-    train_pairs, skipped_train = tokenize_records(train_records, qmodel.tokenizer, config, extra_eos)
-    eval_pairs, skipped_eval = tokenize_records(eval_records, qmodel.tokenizer, config, extra_eos)
-    if not train_pairs:
-        raise DataError("no training pair survived tokenization: " + "; ".join(skipped_train[:3]))
-    if skipped_train or skipped_eval:
-        log(f"skipped {len(skipped_train)} training and {len(skipped_eval)} evaluation pairs: {(skipped_train + skipped_eval)[0]}")
+        # --- data -----------------------------------------------------------------------------------
+        train_pairs, skipped_train = tokenize_records(train_records, qmodel.tokenizer, config, extra_eos)
+        eval_pairs, skipped_eval = tokenize_records(eval_records, qmodel.tokenizer, config, extra_eos)
+        if not train_pairs:
+            raise DataError("no training pair survived tokenization: " + "; ".join(skipped_train[:3]))
+        if skipped_train or skipped_eval:
+            log(f"skipped {len(skipped_train)} training and {len(skipped_eval)} evaluation pairs: {(skipped_train + skipped_eval)[0]}")
 
-    def epoch_batches(epoch: int) -> list[list[int]]:
-        batches = prompt_grouped_batches(train_pairs, config.micro_batch_size, seed=config.seed + epoch)
-        full = [b for b in batches if len(b) == config.micro_batch_size]  # equal shares keep DDP exact
-        return full[: len(full) - len(full) % micro_per_step]
+        def epoch_batches(epoch: int) -> list[list[int]]:
+            batches = prompt_grouped_batches(train_pairs, config.micro_batch_size, seed=config.seed + epoch)
+            full = [b for b in batches if len(b) == config.micro_batch_size]  # equal shares keep DDP exact
+            return full[: len(full) - len(full) % micro_per_step]
 
-    steps_per_epoch = len(epoch_batches(0)) // micro_per_step
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(train_pairs)} training pairs are fewer than one batch of {config.batch_size}")
-    total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+        steps_per_epoch = len(epoch_batches(0)) // micro_per_step
+        if steps_per_epoch == 0:
+            raise ConfigError(f"{len(train_pairs)} training pairs are fewer than one batch of {config.batch_size}")
+        total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
 
-    # --- optimisation ---------------------------------------------------------------------------
-    params = [p for p in qmodel.peft_model.parameters() if p.requires_grad]
-    optimizer, scheduler = _optimizer_and_schedule(params, config, total_steps)
-    module, optimizer = accelerator.prepare(qmodel.peft_model, optimizer)
-    state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0, "skipped_steps": 0}
-    if resume_from is not None:
-        saved = load_trainer_state(resume_from)
-        optimizer.optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
-        state = saved["progress"]
-        log(f"resumed from {resume_from} at step {state['step']}")
+        # --- optimisation ---------------------------------------------------------------------------
+        params = [p for p in qmodel.peft_model.parameters() if p.requires_grad]
+        optimizer, scheduler = _optimizer_and_schedule(params, config, total_steps)
+        module, optimizer = accelerator.prepare(qmodel.peft_model, optimizer)
+        state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0, "skipped_steps": 0}
+        if resume_from is not None:
+            saved = load_trainer_state(resume_from)
+            optimizer.optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            set_rng_state(saved["rng"])
+            state = saved["progress"]
+            log(f"resumed from {resume_from} at step {state['step']}")
 
-    def checkpoint() -> None:
-        if is_main:
-            folder = output / "checkpoints" / f"step-{state['step']:06d}"
-            save_checkpoint(
-                qmodel,
-                folder,
-                {"optimizer": optimizer.optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "progress": state},
+        def checkpoint() -> None:
+            if is_main:
+                folder = output / "checkpoints" / f"step-{state['step']:06d}"
+                save_checkpoint(
+                    qmodel,
+                    folder,
+                    {"optimizer": optimizer.optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "progress": state},
+                )
+                for old in sorted((output / "checkpoints").glob("step-*"))[:-keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+            accelerator.wait_for_everyone()
+
+        eval_every = eval_every or max(1, total_steps // 4)
+        save_every = save_every or max(1, total_steps // 4)  # cheap: adapter + optimizer state
+        bar = Progress(enabled=progress and is_main)
+
+        def evaluate(label: str) -> PreferenceEval:
+            task = bar.add(f"eval ({label})", len(eval_pairs))
+            result = evaluate_preferences(
+                qmodel, eval_pairs, batch_size=config.micro_batch_size * 2, precision=precision, on_batch=lambda n: bar.advance(task, n)
             )
-            for old in sorted((output / "checkpoints").glob("step-*"))[:-keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+            bar.remove(task)
+            return result
 
-    eval_every = eval_every or max(1, total_steps // 4)
-    save_every = save_every or eval_every
-    bar = Progress(enabled=progress and is_main)
-
-    def evaluate(label: str) -> PreferenceEval:
-        task = bar.add(f"eval ({label})", len(eval_pairs))
-        result = evaluate_preferences(
-            qmodel, eval_pairs, batch_size=config.micro_batch_size * 2, precision=precision, on_batch=lambda n: bar.advance(task, n)
+        log(
+            f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs; {total_steps} steps of {config.batch_size} pairs "
+            f"({world} process(es) × {accum} accumulated micro-batches of {config.micro_batch_size}); precision {precision}"
         )
-        bar.remove(task)
-        return result
-
-    log(
-        f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs; {total_steps} steps of {config.batch_size} pairs "
-        f"({world} process(es) × {accum} accumulated micro-batches of {config.micro_batch_size}); precision {precision}"
-    )
-    stop = _StopFlag()
-    with bar, stop.installed():
-        if state["before"] is None and eval_pairs:
-            started = time.perf_counter()
-            state["before"] = evaluate("before").to_dict()
-            state["eval_seconds"] = time.perf_counter() - started
-            log(f"held-out preference accuracy before training: {state['before']['accuracy']:.3f} ({state['eval_seconds']:.0f} s per evaluation)")
-        task = bar.add("train", total_steps, completed=state["step"])
-        first_step = state["step"]
-        module.train()
-        window: list[objective.PairObjective] = []
-        while state["step"] < total_steps:
-            step_started = time.perf_counter()
-            epoch, k = divmod(state["step"], steps_per_epoch)
-            batches = epoch_batches(epoch)[k * micro_per_step : (k + 1) * micro_per_step][accelerator.process_index :: world]
-            finite = True
-            for index in batches:
-                batch = collate_pairs([train_pairs[j] for j in index], qmodel.tokenizer.pad_token_id).to(accelerator.device)
-                # accumulate(): gradients are reduced across processes, and the optimizer steps, only on
-                # the last of the `accum` micro-batches; backward() scales the loss by 1/accum.
-                with accelerator.accumulate(module), accelerator.autocast():
-                    terms = qmodel.score(batch, module=module)
-                    out = objective.pair_objective(
-                        terms,
-                        batch.chosen_index,
-                        batch.rejected_index,
-                        gamma=config.gamma,
-                        beta=config.beta,
-                        value_state=config.value_state,
-                        length_normalize=config.length_normalize,
-                    )
-                    loss = out.loss.mean()
-                    finite &= bool(torch.isfinite(loss))  # a CPU-GPU sync point, once per micro-batch
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                        finite &= grad_norm is None or bool(torch.isfinite(grad_norm))  # DeepSpeed clips itself
-                        if finite:
-                            optimizer.step()
-                        elif on_nonfinite == "stop":
-                            raise NonFiniteLoss(f"non-finite loss or gradient at step {state['step'] + 1}; no update was applied")
-                        optimizer.zero_grad(set_to_none=True)  # free gradient memory before the next forward
-                window.append(out)
-            if not finite:
-                state["skipped_steps"] += 1
-                log(f"step {state['step'] + 1}: non-finite loss or gradient, update skipped")
-            scheduler.step()
-            state["step"] += 1
-            state["train_seconds"] += time.perf_counter() - step_started
-            if state["step"] == first_step + 2:  # the first step pays warm-up costs; estimate from the second
-                log(_time_estimate(time.perf_counter() - step_started, state["step"], total_steps, eval_every, state.get("eval_seconds", 0.0)))
-            if state["step"] % max(1, min(10, eval_every)) == 0 or state["step"] == total_steps:
-                state["history"].append({"step": state["step"], "lr": scheduler.get_last_lr()[0], **_window_metrics(window, accelerator)})
-                window = []
-            bar.update(task, state["step"], _status(state))
-            if eval_pairs and (state["step"] % eval_every == 0 or state["step"] == total_steps):
-                result = evaluate(f"step {state['step']}").to_dict()
-                log(f"step {state['step']}/{total_steps}: held-out preference accuracy {result['accuracy']:.3f}, margin {result['margin_mean']:.2f}")
-                state["history"].append({"step": state["step"], "eval": result})
-                state["last_eval"] = result
+        stop = _StopFlag()
+        with bar, stop.installed():
+            if state["before"] is None and eval_pairs:
+                started = time.perf_counter()
+                state["before"] = evaluate("before").to_dict()
+                state["eval_seconds"] = time.perf_counter() - started
+                log(f"held-out preference accuracy before training: {state['before']['accuracy']:.3f} ({state['eval_seconds']:.0f} s per evaluation)")
+            task = bar.add("train", total_steps, completed=state["step"])
+            first_step = state["step"]
+            module.train()
+            window: list[objective.PairObjective] = []
+            while state["step"] < total_steps:
+                step_started = time.perf_counter()
+                epoch, k = divmod(state["step"], steps_per_epoch)
+                batches = epoch_batches(epoch)[k * micro_per_step : (k + 1) * micro_per_step][accelerator.process_index :: world]
+                finite = True
+                for index in batches:
+                    batch = collate_pairs([train_pairs[j] for j in index], qmodel.tokenizer.pad_token_id).to(accelerator.device)
+                    # accumulate(): gradients are reduced across processes, and the optimizer steps, only on
+                    # the last of the `accum` micro-batches; backward() scales the loss by 1/accum.
+                    with accelerator.accumulate(module), accelerator.autocast():
+                        out = qmodel.pair_objective(qmodel.score(batch, module=module), batch)
+                        loss = out.loss.mean()
+                        finite &= bool(torch.isfinite(loss))  # a CPU-GPU sync point, once per micro-batch
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                            finite &= grad_norm is None or bool(torch.isfinite(grad_norm))  # DeepSpeed clips itself
+                            if finite:
+                                optimizer.step()
+                            elif on_nonfinite == "stop":
+                                raise NonFiniteLoss(f"non-finite loss or gradient at step {state['step'] + 1}; no update was applied")
+                            optimizer.zero_grad(set_to_none=True)  # free gradient memory before the next forward
+                    window.append(out)
+                if not finite:
+                    state["skipped_steps"] += 1
+                    log(f"step {state['step'] + 1}: non-finite loss or gradient, update skipped")
+                scheduler.step()
+                state["step"] += 1
+                state["train_seconds"] += time.perf_counter() - step_started
+                if state["step"] == first_step + 2:  # the first step pays warm-up costs; estimate from the second
+                    log(_time_estimate(time.perf_counter() - step_started, state["step"], total_steps, eval_every, state.get("eval_seconds", 0.0)))
+                if state["step"] % max(1, min(10, eval_every)) == 0 or state["step"] == total_steps:
+                    state["history"].append({"step": state["step"], "lr": scheduler.get_last_lr()[0], **_window_metrics(window, accelerator)})
+                    window = []
                 bar.update(task, state["step"], _status(state))
-            if state["step"] < total_steps and (state["step"] % save_every == 0 or stop.requested):
-                checkpoint()
-            if stop.requested:
-                raise TrainingInterrupted(f"stopped at step {state['step']} of {total_steps}; a checkpoint was written to {output / 'checkpoints'}")
+                if eval_pairs and (state["step"] % eval_every == 0 or state["step"] == total_steps):
+                    result = evaluate(f"step {state['step']}").to_dict()
+                    log(f"step {state['step']}/{total_steps}: held-out preference accuracy {result['accuracy']:.3f}, margin {result['margin_mean']:.2f}")
+                    state["history"].append({"step": state["step"], "eval": result})
+                    state["last_eval"] = result
+                    bar.update(task, state["step"], _status(state))
+                if state["step"] < total_steps and (state["step"] % save_every == 0 or stop.requested):
+                    checkpoint()
+                if stop.requested:
+                    raise TrainingInterrupted(f"stopped at step {state['step']} of {total_steps}; a checkpoint was written to {output / 'checkpoints'}")
 
-    adapter_dir = output / "adapter"
-    metrics = {
-        "pref_accuracy_before": state["before"]["accuracy"] if state["before"] else None,
-        "pref_accuracy_after": state.get("last_eval", {}).get("accuracy"),
-        "n_eval_pairs": len(eval_pairs),
-        "n_train_pairs": len(train_pairs),
-        "train_seconds": round(state["train_seconds"], 1),
-        "steps": state["step"],
-        "skipped_steps": state["skipped_steps"],
-        "skipped_pairs": len(skipped_train) + len(skipped_eval),
-        "eval_before": state["before"],
-        "eval_after": state.get("last_eval"),
-        "history": state["history"],
-        "config": config.to_dict(),
-        "base_model": qmodel.identity.name,
-        "precision": precision,
-        "processes": world,
-        **(run_info or {}),
-    }
-    if is_main:
-        save_adapter(qmodel, adapter_dir)
-        write_json_atomic(output / "metrics.json", metrics)
-    accelerator.wait_for_everyone()
-    return TrainResult(adapter_dir, metrics)
+        adapter_dir = output / "adapter"
+        metrics = {
+            "pref_accuracy_before": state["before"]["accuracy"] if state["before"] else None,
+            "pref_accuracy_after": state.get("last_eval", {}).get("accuracy"),
+            "n_eval_pairs": len(eval_pairs),
+            "n_train_pairs": len(train_pairs),
+            "train_seconds": round(state["train_seconds"], 1),
+            "steps": state["step"],
+            "skipped_steps": state["skipped_steps"],
+            "skipped_pairs": len(skipped_train) + len(skipped_eval),
+            "eval_before": state["before"],
+            "eval_after": state.get("last_eval"),
+            "history": state["history"],
+            "config": config.to_dict(),
+            "base_model": qmodel.identity.name,
+            "precision": precision,
+            "processes": world,
+            **(run_info or {}),
+        }
+        if is_main:
+            save_adapter(qmodel, adapter_dir)
+            write_json_atomic(output / "metrics.json", metrics)
+        accelerator.wait_for_everyone()
+        return TrainResult(adapter_dir, metrics)
 
 
 def _window_metrics(window: list[objective.PairObjective], accelerator: Any) -> dict[str, float]:

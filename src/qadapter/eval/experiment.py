@@ -2,8 +2,9 @@
 evaluate every policy, sweep the dial, write the report.
 
 Each stage leaves its output in the experiment folder before the next starts and is skipped when
-that output exists, so an interrupted run continues where it stopped (training resumes from its last
-checkpoint; evaluation from its last finished stage).
+that output exists, so an interrupted run continues where it stopped (Q-Adapter training resumes
+from its last checkpoint, a peer's training restarts, evaluation continues from its last finished
+stage).
 """
 
 from __future__ import annotations
@@ -16,18 +17,57 @@ from typing import Any
 from ..checkpoint import write_json_atomic
 from ..config import QAdapterConfig
 from ..data import PreferenceRecord
-from .judge import BagOfWordsJudge, pairwise_accuracy
+from .judge import BagOfWordsJudge, Judge, RewardModelJudge, pairwise_accuracy
 from .report import write_report
 from .runner import EvalPlan, evaluate
 
 PEERS = ("sft", "dpo", "replay")
+BUILTIN_JUDGE = "builtin"
+
+
+def prepare_judge(spec: str, folder: Path, fit: Sequence[PreferenceRecord], test: Sequence[PreferenceRecord]) -> tuple[Judge, dict[str, Any]]:
+    """The judge and how good it is on held-out pairs. ``spec``: ``"builtin"`` (a bag-of-words
+    Bradley–Terry model trained on ``fit``, cached in ``folder``) or a Hugging Face reward model."""
+    info_path = folder / "held_out_accuracy.json"
+    if spec == BUILTIN_JUDGE:
+        if not info_path.is_file():
+            judge = BagOfWordsJudge().fit(fit)
+            judge.save(folder)
+            write_json_atomic(info_path, {"name": "built-in bag-of-words Bradley–Terry judge", **pairwise_accuracy(judge, test).to_dict()})
+        judge = BagOfWordsJudge.load(folder)
+    else:
+        judge = RewardModelJudge(spec)
+        if not info_path.is_file():
+            write_json_atomic(info_path, {"name": spec, **pairwise_accuracy(judge, test).to_dict()})
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    return judge, {"name": info["name"], "accuracy": info["accuracy"], "accuracy_ci": [info["low"], info["high"]], "n": info["n_pairs"]}
+
+
+def evaluate_and_report(
+    output: str | Path,
+    adapters: dict[str, Path],
+    plan: EvalPlan,
+    eval_records: Sequence[PreferenceRecord],
+    prompts: Sequence[Any],
+    judge: tuple[Judge, dict[str, Any]] | None,
+    *,
+    sweep: Sequence[float] = (),
+    info: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``adapters`` (the first one is swept), then write results.json, report.md and the plot."""
+    out = Path(output)
+    results = evaluate(adapters, plan, eval_records, prompts, out / "cache", judge=judge[0] if judge else None, sweep=sweep, progress=progress)
+    results = {**(info or {}), **({"judge": judge[1]} if judge else {}), **results}
+    write_report(results, out)
+    return results
 
 
 def run_experiment(
     output: str | Path,
     train_records: list[PreferenceRecord],
     eval_records: list[PreferenceRecord],
-    judge_records: tuple[list[PreferenceRecord], list[PreferenceRecord]],
+    judge_records: tuple[Sequence[PreferenceRecord], Sequence[PreferenceRecord]],
     prompts: Sequence[Any],
     *,
     config: QAdapterConfig,
@@ -35,6 +75,7 @@ def run_experiment(
     model: str = "bundled",
     peers: Sequence[str] = PEERS,
     sweep: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+    judge: str = BUILTIN_JUDGE,
     info: dict[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -42,8 +83,8 @@ def run_experiment(
     """Run (or continue) the experiment in ``output``; returns the results written to ``results.json``.
 
     ``train_records``/``eval_records``: the training slice and the held-out pairs (split by prompt);
-    ``judge_records``: (fit, test) pairs for the built-in judge; ``prompts``: held-out prompts that every
-    policy answers for the judged win rate.
+    ``judge_records``: (fit, test) pairs for the judge; ``prompts``: held-out prompts every policy
+    answers for the judged win rate.
     """
     from ..train import train
     from .baselines import train_baseline
@@ -58,24 +99,7 @@ def run_experiment(
         if not adapters[peer].is_dir():
             log(f"stage: train {peer}")
             train_baseline(peer, train_records, out / peer, model=model, config=config, held_out_records=eval_records, progress=progress, log=log)
-    judge_dir = out / "judge"
-    if not (judge_dir / "judge.json").is_file():
-        log("stage: train the judge")
-        judge = BagOfWordsJudge().fit(judge_records[0])
-        judge.save(judge_dir)
-        write_json_atomic(judge_dir / "judge.json", {"name": "bag-of-words Bradley–Terry (built in)", **pairwise_accuracy(judge, judge_records[1]).to_dict()})
-    judge = BagOfWordsJudge.load(judge_dir)
-    judge_info = _read_json(judge_dir / "judge.json")
-    log("stage: evaluate")
-    results = evaluate(adapters, plan, eval_records, prompts, out / "cache", judge=judge, sweep=sweep, progress=progress)
-    results = {
-        **(info or {}),
-        "judge": {"name": judge_info["name"], "accuracy": judge_info["accuracy"], "accuracy_ci": [judge_info["low"], judge_info["high"]], "n": judge_info["n_pairs"]},
-        **results,
-    }
-    write_report(results, out)
-    return results
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+    log("stage: judge")
+    prepared = prepare_judge(judge, out / "judge", *judge_records)
+    log("stage: evaluate (cached stage by stage in cache/)")
+    return evaluate_and_report(out, adapters, plan, eval_records, prompts, prepared, sweep=sweep, info=info, progress=progress)

@@ -51,7 +51,6 @@ def evaluate_preferences_at(
 ) -> list[PreferenceEval]:
     """One :class:`PreferenceEval` per (α₀, α̃) in ``alphas`` (None: the adapter's own), all from one
     pair of forward passes per batch."""
-    cfg = qmodel.config
     was_training = qmodel.peft_model.training
     qmodel.peft_model.eval()
     results: list[list[objective.PairObjective]] = [[] for _ in alphas]
@@ -61,17 +60,7 @@ def evaluate_preferences_at(
             with autocast(qmodel.device, precision):
                 passes = qmodel.passes(batch.input_ids, batch.attention_mask)
                 for out, (alpha_0, alpha_tilde) in zip(results, alphas):
-                    out.append(
-                        objective.pair_objective(
-                            passes.terms(batch.completion_mask, alpha_0, alpha_tilde),
-                            batch.chosen_index,
-                            batch.rejected_index,
-                            gamma=cfg.gamma,
-                            beta=cfg.beta,
-                            value_state=cfg.value_state,
-                            length_normalize=cfg.length_normalize,
-                        )
-                    )
+                    out.append(qmodel.pair_objective(passes.terms(batch.completion_mask, alpha_0, alpha_tilde), batch))
             if on_batch is not None:
                 on_batch(len(index))
     finally:

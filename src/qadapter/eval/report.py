@@ -29,6 +29,11 @@ def qualifying_benchmarks(base: dict[str, Any], margin: float = 0.05) -> list[st
     return keep
 
 
+def retention_benchmarks(base: dict[str, Any]) -> list[str]:
+    """The benchmarks a retention mean is taken over: the qualifying ones, or all if none qualifies."""
+    return qualifying_benchmarks(base) or list(base["retention"])
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
@@ -74,7 +79,7 @@ def markdown(results: dict[str, Any]) -> str:
         out.write(f"\nJudge: {j.get('name')}, held-out pairwise accuracy {_pct(j.get('accuracy'))}%{_interval(j.get('accuracy_ci'))} on {j.get('n')} pairs.\n")
     if results.get("sweep"):
         out.write("\n## The forgetting dial (one adapter, no retraining)\n\n")
-        out.write("| α₀ | retention (mean of * benchmarks) | held-out pref. acc. | win rate vs base | KL to base |\n|---|---|---|---|---|\n")
+        out.write("| α₀ | retention (mean of * benchmarks, or of all if none has *) | held-out pref. acc. | win rate vs base | KL to base |\n|---|---|---|---|---|\n")
         for row in results["sweep"]:
             kl = row.get("kl_to_base")
             out.write(
@@ -107,7 +112,7 @@ def plot_dial(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = results["methods"]
-    keep = qualifying_benchmarks(methods["base"])
+    keep = retention_benchmarks(methods["base"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "pref_accuracy", "held-out preference accuracy"), (axes[1], "win_rate_vs_base", "win rate vs base (judge)")):
         sweep = [row for row in results.get("sweep", []) if row.get(key) is not None]
@@ -122,7 +127,7 @@ def plot_dial(results: dict[str, Any], path: Path) -> None:
                 y = 0.5
             if x is not None and y is not None:
                 ax.scatter([x], [y], s=60, marker="s" if name != "qadapter" else "*", zorder=3, label=name)
-        ax.set_xlabel(f"retention: mean accuracy on {', '.join(keep) or 'no qualifying benchmark'}")
+        ax.set_xlabel(f"retention: mean accuracy on {', '.join(keep)}")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

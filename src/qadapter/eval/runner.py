@@ -23,7 +23,7 @@ from ..progress import Progress
 from .benchmarks import DEFAULT_SIZES, ChoiceItem, load_benchmark
 from .judge import Judge, win_rate
 from .preference import evaluate_preferences_at
-from .report import qualifying_benchmarks, retention_mean
+from .report import retention_benchmarks, retention_mean
 from .retention import PolicySpec, choice_accuracy, choice_logliks, generation_correct, kl_to_base, paired_difference, wilson_interval
 
 PRIMARY_NORM = {"hellaswag", "piqa"}  # benchmarks whose headline metric is acc_norm (as lm-eval reports them)
@@ -65,12 +65,12 @@ def general_texts(tokenizer: Any, data_root: Path, n: int) -> list[tuple[str, st
 
 @dataclass
 class Method:
-    """One adapter and the policies read from it; ``base`` adds the base policy to its passes."""
+    """One adapter and the policies read from it (the base's passes come with every adapter)."""
 
     name: str
-    adapter: Path
     policies: list[PolicySpec]
-    generate: list[str] = field(default_factory=list)  # policies that also answer by generation (GSM8K, win rate)
+    respond: list[str] = field(default_factory=list)  # policies that answer the win-rate prompts
+    solve: list[str] = field(default_factory=list)  # policies that also answer generative benchmarks (GSM8K)
 
 
 def run_method(
@@ -96,7 +96,7 @@ def run_method(
 
             raw["retention"][bench] = cache.get(f"{method.name}/retention-{bench}", score)
         else:
-            for policy in (p for p in method.policies if p.name in method.generate):
+            for policy in (p for p in method.policies if p.name in method.solve):
                 raw["gsm8k"][policy.name] = cache.get(
                     f"{method.name}/{bench}-{policy.name}", lambda policy=policy, items=items: generation_correct(qmodel, items, policy)
                 )
@@ -112,7 +112,7 @@ def run_method(
         return {p.name: e.to_dict() for p, e in zip(scored, evals)}
 
     raw["preferences"] = cache.get(f"{method.name}/preferences", preferences)
-    for policy in (p for p in method.policies if p.name in method.generate):
+    for policy in (p for p in method.policies if p.name in method.respond):
         raw["responses"][policy.name] = cache.get(
             f"{method.name}/responses-{policy.name}", lambda policy=policy: respond(qmodel, policy, win_prompts, plan, bar, method.name)
         )
@@ -219,11 +219,13 @@ def evaluate(
             qmodel = load(adapter)
             own = PolicySpec(name, qmodel.config.alpha_0, qmodel.config.alpha_tilde)
             policies = ([PolicySpec("base", base=True)] if i == 0 else []) + [own]
+            solve = [p.name for p in policies]  # the dial's points skip GSM8K: near zero at this scale, and slow
             if name == sweep_method and sweep:
-                dial = dial_policies(sweep, tie_alpha_tilde, qmodel.config.alpha_tilde)
-                policies += dial
-            generate = [p.name for p in policies]
-            raws[name] = run_method(qmodel, Method(name, adapter, policies, generate), plan, pref_records, win_prompts, cache, bar)
+                # a point at the adapter's own (α₀, α̃) is its own policy: scored once, under its name
+                dial = [own if (p.alpha_0, p.alpha_tilde) == (own.alpha_0, own.alpha_tilde) else p for p in dial_policies(sweep, tie_alpha_tilde, qmodel.config.alpha_tilde)]
+                policies += [p for p in dial if p is not own]
+            method = Method(name, policies, respond=[p.name for p in policies], solve=solve)
+            raws[name] = run_method(qmodel, method, plan, pref_records, win_prompts, cache, bar)
             del qmodel
     first = next(iter(methods))
     base_raw = raws[first]
@@ -232,6 +234,6 @@ def evaluate(
         results["methods"][name] = metrics(name, raws[name], base_raw, judge, win_prompts)
     results["methods"]["base"]["pref_accuracy"] = None
     if dial:
-        keep = qualifying_benchmarks(results["methods"]["base"])
+        keep = retention_benchmarks(results["methods"]["base"])
         results["sweep"] = sweep_rows(raws[sweep_method], base_raw, judge, win_prompts, dial, keep)
     return results
