@@ -89,7 +89,7 @@ def test_failed_save_keeps_previous_adapter(trained, tmp_path, monkeypatch):
         (folder / "adapter_model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "_write_adapter_files", crash)
+    monkeypatch.setattr(checkpoint, "write_adapter_files", crash)
     with pytest.raises(KeyboardInterrupt):
         trained.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before

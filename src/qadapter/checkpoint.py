@@ -73,7 +73,8 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         raise
 
 
-def _write_adapter_files(qmodel: Any, folder: Path) -> None:
+def write_adapter_files(qmodel: Any, folder: Path) -> None:
+    """PEFT's adapter files plus qadapter_config.json into ``folder`` (the caller makes it atomic)."""
     qmodel.peft_model.save_pretrained(str(folder), safe_serialization=True)
     meta = {"qadapter_version": __version__, "config": qmodel.config.to_dict(), "base": qmodel.identity.to_dict()}
     (folder / QADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -82,7 +83,7 @@ def _write_adapter_files(qmodel: Any, folder: Path) -> None:
 def save_adapter(qmodel: Any, adapter_dir: str | Path) -> None:
     """Write the LoRA weights (safetensors, PEFT layout) and ``qadapter_config.json``, atomically."""
     with atomic_dir(adapter_dir) as tmp:
-        _write_adapter_files(qmodel, tmp)
+        write_adapter_files(qmodel, tmp)
 
 
 def read_adapter_meta(adapter_dir: str | Path) -> tuple[QAdapterConfig, dict[str, Any], str]:
@@ -301,7 +302,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(qmodel: Any, folder: str | Path, trainer_state: dict[str, Any]) -> None:
     """An adapter folder plus ``trainer_state.pt`` (one dict, read back by the same keys)."""
     with atomic_dir(folder) as tmp:
-        _write_adapter_files(qmodel, tmp)
+        write_adapter_files(qmodel, tmp)
         torch.save(trainer_state, tmp / TRAINER_STATE)
 
 

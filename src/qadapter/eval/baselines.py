@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import _write_adapter_files, atomic_dir, write_json_atomic
+from ..checkpoint import atomic_dir, write_adapter_files, write_json_atomic
 from ..config import DecodeConfig, QAdapterConfig
 from ..data import Message, PreferenceRecord, Turns, read_records, shared_data_dir
 from ..errors import ConfigError, DataError
@@ -396,7 +396,7 @@ def train_baseline(
     adapter_dir = output / "adapter"
     if int(os.environ.get("RANK", "0")) == 0:  # under a distributed launch, one process writes
         with atomic_dir(adapter_dir) as tmp:
-            _write_adapter_files(qmodel, tmp)
+            write_adapter_files(qmodel, tmp)
             write_json_atomic(tmp / BASELINE_FILE, info)
     log(f"{method}: {state.global_step} steps in {train_seconds / 60:.1f} min, final loss {train_loss:.4f}; adapter: {adapter_dir}")
     return adapter_dir
