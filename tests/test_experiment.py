@@ -79,3 +79,17 @@ def test_eval_command_on_existing_adapters(tiny_model_dir, data_root, tmp_path):
     assert set(results["methods"]) == {"base", "mine"} and len(results["sweep"]) == 2
     bad = CliRunner().invoke(app, ["eval", "--adapter", str(run), "--output", str(out)])
     assert "NAME=DIR" in str(bad.exception)
+
+
+def test_changed_settings_are_not_served_from_the_cache(tiny_model_dir, data_root, tmp_path):
+    """A second evaluation into the same folder with another dial recomputes what changed instead of
+    returning stale (or missing) stages."""
+    run = tmp_path / "run"
+    CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--output", str(run), *TRAIN_ARGS, "--eval-fraction", "0.3", "--no-progress"])
+    out = tmp_path / "report"
+    first = CliRunner().invoke(app, ["eval", "--adapter", f"mine={run}", "--output", str(out), *EVAL_ARGS])
+    assert first.exception is None, first.output
+    args = [a if a != "1,4" else "0.5,2" for a in EVAL_ARGS]
+    second = CliRunner().invoke(app, ["eval", "--adapter", f"mine={run}", "--output", str(out), *args])
+    assert second.exception is None, second.output
+    assert [r["alpha_0"] for r in json.loads((out / "results.json").read_text())["sweep"]] == [0.5, 2.0]

@@ -24,7 +24,7 @@ from qadapter.config import QAdapterConfig
 from qadapter.data import ROLES, PreferenceRecord, parse_record, read_records
 from qadapter.errors import ConfigError, DataError, ModelError
 from qadapter.model import QAdapterModel, load_base
-from qadapter.train import tokenize_records
+from qadapter.collate import tokenize_records
 
 
 def user(text):
@@ -221,7 +221,7 @@ def test_long_prompts_keep_responses_and_identical_pairs_are_skipped(tok):
         PreferenceRecord([user("why")], [assistant(shared + " good")], [assistant(shared + " bad")], "f:3"),
         PreferenceRecord(long_prompt, shared + " good", shared + " bad", "f:4"),
     ]
-    pairs, skipped = tokenize_records(records, tok, config)
+    pairs, skipped = tokenize_records(records, tok, config.max_length, config.max_prompt_length)
     assert [p.origin for p in pairs] == ["f:1", "f:2"]
     assert skipped == [
         "f:3: chosen and rejected are identical after truncation to 32 tokens",
@@ -250,7 +250,7 @@ def test_chat_template_refusing_a_conversation_is_skipped(tok):
         PreferenceRecord([user("why"), {"role": "tool", "content": "the cat"}], [assistant("yes")], [assistant("no")], "f:1"),
         PreferenceRecord([user("why")], [assistant("yes")], [assistant("no")], "f:2"),
     ]
-    pairs, skipped = tokenize_records(records, strict, QAdapterConfig())
+    pairs, skipped = tokenize_records(records, strict, QAdapterConfig().max_length, QAdapterConfig().max_prompt_length)
     assert [p.origin for p in pairs] == ["f:2"]
     assert len(skipped) == 1 and skipped[0].startswith("f:1: the chat template refuses this conversation")
     assert "tool turns are not supported" in skipped[0]

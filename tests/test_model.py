@@ -130,3 +130,41 @@ def test_hidden_path_matches_logits_path(qmodel):
     assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
         assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_training_mode_leaves_base_dropout_off(tmp_path):
+    """set_training(True) turns on LoRA dropout only: a base with dropout stays deterministic, so Q = 0 at init."""
+    from conftest import build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, attention_dropout=0.5, pad_token_id=0, eos_token_id=2, bos_token_id=1, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    qm = QAdapterModel.create(load_base(str(tmp_path), device="cpu"), QAdapterConfig())
+    qm.set_training(True)
+    assert qm.training and not qm.peft_model.get_base_model().model.layers[0].self_attn.training
+    batch = _batch(qm)
+    q, _ = qm.q_and_base_logprobs(batch.input_ids, batch.attention_mask)
+    assert torch.equal(q, torch.zeros_like(q))
+
+
+def test_a_loaded_base_carries_one_adapter(tiny_model_dir):
+    """PEFT edits the base in place, so attaching a second adapter to the same loaded base is refused."""
+    base = load_base(str(tiny_model_dir), device="cpu")
+    QAdapterModel.create(base, QAdapterConfig())
+    with pytest.raises(ModelError, match="already carries an adapter"):
+        QAdapterModel.create(base, QAdapterConfig())
+
+
+def test_hidden_path_also_in_bfloat16(tiny_model_dir):
+    """The linearity check tolerates the dtype's rounding: bf16 weights keep the lean scoring path."""
+    qm = QAdapterModel.create(load_base(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16), QAdapterConfig())
+    assert qm.hidden_path
+
+
+def test_lora_on_the_output_layer_disables_the_hidden_path(tiny_model_dir):
+    """With LoRA on lm_head, logits are not the frozen W·h, so scoring falls back to full logits."""
+    qm = QAdapterModel.create(load_base(str(tiny_model_dir), device="cpu"), QAdapterConfig(target_modules=["q_proj", "lm_head"]))
+    assert not qm.hidden_path

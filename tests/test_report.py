@@ -49,4 +49,4 @@ def test_csv_and_files_are_written(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == RESULTS
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dial.csv", "dial.png", "report.md", "results.json"]
     assert (tmp_path / "dial.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sweep_csv(RESULTS).splitlines()[0] == "alpha_0,retention_mean,pref_accuracy,win_rate_vs_base,kl_to_base"
+    assert sweep_csv(RESULTS).splitlines()[0] == "alpha_0,alpha_tilde,retention_mean,pref_accuracy,win_rate_vs_base,kl_to_base"

@@ -45,8 +45,8 @@ def test_always_first_option_scores_fraction_of_gold_zero():
     assert acc == [1, 0, 1, 0, 1] and acc_norm == acc
 
 
-def test_acc_norm_divides_by_bytes():
-    """−4 over 4 bytes beats −3 over 2 bytes per byte, though not in total."""
+def test_acc_norm_divides_by_characters():
+    """−4 over 4 characters beats −3 over 2 characters per character, though not in total."""
     items = [ChoiceItem("x", "q", (" abc", " a"), 0)]
     acc, acc_norm = choice_accuracy(items, [[-4.0, -3.0]])
     assert acc == [0] and acc_norm == [1]

@@ -130,3 +130,18 @@ def test_two_runs_never_share_an_output_folder(tiny_model_dir, split, tmp_path):
         with pytest.raises(ConfigError, match="in use by another training run"):
             train(QAdapterConfig(max_steps=1, **FAST), train_records, [], tmp_path / "run", model=str(tiny_model_dir), progress=False, log=lambda s: None)
     train(QAdapterConfig(max_steps=1, **FAST), train_records, [], tmp_path / "run", model=str(tiny_model_dir), progress=False, log=lambda s: None)
+
+
+def test_resume_refuses_other_data_and_finished_runs(tiny_model_dir, split, tmp_path):
+    """--resume on different training data, or on a finished run without checkpoints, stops with a clear message."""
+    train_records, eval_records = split
+    kwargs = dict(model=str(tiny_model_dir), progress=False, log=lambda s: None, save_every=1)
+    cfg = QAdapterConfig(max_steps=3, **FAST)
+    train(cfg, train_records, eval_records, tmp_path / "run", **kwargs)
+    with pytest.raises(ConfigError, match="different data"):
+        train(cfg, train_records[:-4], eval_records, tmp_path / "run", resume=True, **kwargs)
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    with pytest.raises(ConfigError, match="finished run"):
+        train(cfg, train_records, eval_records, tmp_path / "run", resume=True, **kwargs)

@@ -222,11 +222,12 @@ def load_adapter(
     architecture, weights or chat template differ is refused unless ``allow_base_mismatch``.
     Weights are read from safetensors only.
     """
-    from .model import QAdapterModel, load_base
+    from .model import QAdapterModel, check_unused, load_base
 
     files = _read_adapter(adapter_dir)
     if base is None:
         base = load_base(model or files.saved.name, revision=None if model else _hub_revision(files.saved), device=device)
+    check_unused(base)
     _check_base(files, base, allow_base_mismatch)
     peft_model = _attach(base.model, files, "default", is_trainable)
     return QAdapterModel(peft_model, base.tokenizer, files.config, base.identity)
@@ -247,7 +248,7 @@ def load_composition(
     Q form. Adapters trained on different base models are refused (they would add Q-functions
     relative to different policies), as is a base that differs from theirs, unless ``allow_base_mismatch``.
     """
-    from .model import QAdapterModel, load_base
+    from .model import QAdapterModel, check_unused, load_base
 
     if not adapter_dirs:
         raise ConfigError("a composition needs at least one adapter")
@@ -268,6 +269,7 @@ def load_composition(
             )
     if base is None:
         base = load_base(model or first.saved.name, revision=None if model else _hub_revision(first.saved), device=device)
+    check_unused(base)
     peft_model = base.model
     for name, files in adapters.items():
         _check_base(files, base, allow_base_mismatch)

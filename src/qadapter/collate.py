@@ -141,6 +141,19 @@ def tokenize_pair(
     return TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), record.origin)
 
 
+def tokenize_records(
+    records: list[PreferenceRecord], tokenizer: Any, max_length: int, max_prompt_length: int, extra_eos: Any = None
+) -> tuple[list[TokenizedPair], list[str]]:
+    """Tokenize all records; pairs that cannot be scored after truncation are skipped and reported."""
+    pairs, skipped = [], []
+    for record in records:
+        try:
+            pairs.append(tokenize_pair(record, tokenizer, max_length, max_prompt_length, extra_eos))
+        except DataError as exc:
+            skipped.append(str(exc))
+    return pairs, skipped
+
+
 def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, padding_side: str = "right") -> PreferenceBatch:
     """Pad the distinct sequences of ``pairs`` into one batch (see :class:`PreferenceBatch`).
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import objective
+from .collate import eos_ids as collate_eos_ids
 from .collate import pad_rows
 from .config import DecodeConfig
 from .data import Message
@@ -52,10 +53,7 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool = True)
 
 def eos_ids(qmodel: Any) -> list[int]:
     """Every token id that ends a completion: the tokenizer's EOS and the generation config's."""
-    eos = {qmodel.tokenizer.eos_token_id}
-    extra = getattr(qmodel.peft_model.generation_config, "eos_token_id", None)
-    eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
-    return sorted(e for e in eos if e is not None)
+    return sorted(collate_eos_ids(qmodel.tokenizer, getattr(qmodel.peft_model.generation_config, "eos_token_id", None)))
 
 
 @dataclass(frozen=True)
@@ -283,8 +281,8 @@ def generate_ids(
     batch = DecodeBatch(qmodel)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     new_tokens = []
-    was_training = qmodel.peft_model.training
-    qmodel.peft_model.eval()  # PEFT's mixed batch refuses training mode
+    was_training = qmodel.training
+    qmodel.set_training(False)  # PEFT's mixed batch refuses training mode
     try:
         logits = batch.add(input_ids, attention_mask, [policy_mix] * input_ids.shape[0])  # (b, V)
         for step in range(config.max_new_tokens):
@@ -298,7 +296,7 @@ def generate_ids(
                 break
             logits = batch.step(token)  # finished rows feed padding nobody reads
     finally:
-        qmodel.peft_model.train(was_training)
+        qmodel.set_training(was_training)
     return torch.stack(new_tokens, dim=1)  # (b, n)
 
 

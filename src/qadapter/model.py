@@ -249,6 +249,7 @@ class QAdapterModel:
         """Attach a freshly initialised LoRA (B = 0, so Q starts at 0 in the residual form)."""
         from peft import get_peft_model
 
+        check_unused(base)
         torch.manual_seed(config.seed)  # LoRA A is drawn at random
         missing = [m for m in config.target_modules if not any(n.split(".")[-1] == m for n, _ in base.model.named_modules())]
         if missing:
@@ -278,6 +279,19 @@ class QAdapterModel:
         from .checkpoint import save_adapter
 
         save_adapter(self, adapter_dir)
+
+    def set_training(self, on: bool) -> None:
+        """Training mode for the LoRA dropout only: the frozen base (and its own dropout, which would
+        make log π₁ noisy) always stays in eval mode."""
+        self.peft_model.eval()
+        if on:
+            for name, module in self.peft_model.named_modules():
+                if name.endswith("lora_dropout") or ".lora_dropout." in name:
+                    module.train()
+
+    @property
+    def training(self) -> bool:
+        return any(m.training for n, m in self.peft_model.named_modules() if ".lora_dropout." in n)
 
     @property
     def device(self) -> torch.device:
@@ -396,10 +410,18 @@ def _final_hidden(module: Any, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 @torch.no_grad()
+def check_unused(base: LoadedBase) -> None:
+    """PEFT injects LoRA layers into the base model in place: a second adapter on the same object would
+    overwrite the first one's weights, so each adapter (or composition) needs a freshly loaded base."""
+    if hasattr(base.model, "peft_config"):
+        raise ModelError(f"this loaded base ({base.identity.name}) already carries an adapter: load the base again for another one")
+
+
 def _logits_are_linear_in_hidden(peft_model: Any) -> bool:
-    """Check once, numerically, that logits = W·(last hidden state): no bias, soft-capping or scaling."""
+    """Check once, numerically, that logits = W·(last hidden state): no bias, soft-capping or scaling,
+    and no LoRA on the output layer itself (the hidden path projects with the frozen W)."""
     head = peft_model.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None:
+    if head is None or getattr(head, "bias", None) is not None or any("lora_" in n for n, _ in head.named_parameters()):
         return False
     device = next(peft_model.parameters()).device
     ids = torch.arange(min(8, head.weight.shape[0]), device=device).unsqueeze(0)  # (1, 8)
@@ -410,8 +432,12 @@ def _logits_are_linear_in_hidden(peft_model: Any) -> bool:
             logits = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     except (TypeError, ValueError, AttributeError):  # a model without hidden states or logits_to_keep
         return False
-    rebuilt = hidden.float() @ head.weight.float().T
-    return rebuilt.shape == logits.shape and torch.allclose(rebuilt, logits.float(), rtol=1e-3, atol=1e-3)
+    rebuilt = F.linear(hidden, head.weight)  # in the model's own dtype, as its head computes it
+    if rebuilt.shape != logits.shape:
+        return False
+    scale = logits.float().abs().max().clamp(min=1.0)
+    tolerance = 8 * torch.finfo(logits.dtype).eps * scale  # rounding of the dtype; a soft-cap or scale is far larger
+    return bool((rebuilt.float() - logits.float()).abs().max() <= tolerance)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

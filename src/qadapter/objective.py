@@ -131,18 +131,21 @@ def token_rewards(
 
     With γ = 1 the two sequence sums differ by V of the first response state only, which a
     chosen and a rejected response to the same prompt share, so Bradley–Terry margins agree.
+    A response truncated to ``max_length`` is treated like one that ended there (V = 0 after its last
+    kept token), the same for chosen and rejected.
     All inputs and the result are (b, T-1); masked actions get reward 0. Response actions are
     contiguous in each row, so "the next state is still in the response" is the next mask bit,
     for left and right padding alike.
     """
     if value_state == "next":
         next_mask = F.pad(action_mask[:, 1:], (0, 1))  # (b, T-1): action t+1 is scored
-        baseline = F.pad(values[:, 1:], (0, 1)) * next_mask  # (b, T-1): V(s_{t+1}) or 0 at the end
+        baseline = torch.where(next_mask.bool(), F.pad(values[:, 1:], (0, 1)), torch.zeros_like(values))  # (b, T-1): V(s_{t+1}) or 0 at the end
     elif value_state == "current":
         baseline = values
     else:
         raise ValueError(f"value_state must be 'next' or 'current', got {value_state!r}")
-    return (q_taken - gamma * baseline) * action_mask
+    # where, not multiply: a non-finite value at an unscored position must not turn into NaN
+    return torch.where(action_mask.bool(), q_taken - gamma * baseline, torch.zeros_like(q_taken))
 
 
 def sequence_rewards(rewards: torch.Tensor, action_mask: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:

@@ -9,6 +9,8 @@ precision; nothing else is delegated. The output folder holds ``adapter/`` (the 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import math
 import shutil
 import signal
@@ -23,7 +25,7 @@ import torch
 
 from . import objective
 from .checkpoint import latest_checkpoint, load_adapter, load_trainer_state, save_adapter, save_checkpoint, set_rng_state, rng_state, write_json_atomic
-from .collate import TokenizedPair, collate_pairs, prompt_grouped_batches, tokenize_pair
+from .collate import TokenizedPair, collate_pairs, prompt_grouped_batches, tokenize_records
 from .config import QAdapterConfig
 from .data import PreferenceRecord
 from .errors import ConfigError, DataError, QAdapterError
@@ -44,19 +46,6 @@ class NonFiniteLoss(QAdapterError):
 class TrainResult:
     adapter_dir: Path
     metrics: dict[str, Any]
-
-
-def tokenize_records(
-    records: list[PreferenceRecord], tokenizer: Any, config: QAdapterConfig, extra_eos: Any = None
-) -> tuple[list[TokenizedPair], list[str]]:
-    """Tokenize all records; pairs that cannot be scored after truncation are skipped and reported."""
-    pairs, skipped = [], []
-    for record in records:
-        try:
-            pairs.append(tokenize_pair(record, tokenizer, config.max_length, config.max_prompt_length, extra_eos))
-        except DataError as exc:
-            skipped.append(str(exc))
-    return pairs, skipped
 
 
 def _optimizer_and_schedule(params: list[torch.nn.Parameter], config: QAdapterConfig, total_steps: int):
@@ -112,7 +101,10 @@ def _exclusive(output: Path) -> Iterator[None]:
 def _prepare_output(output: Path, resume: bool, overwrite: bool) -> Path | None:
     """Refuse to clobber an earlier run silently; return the checkpoint to resume from, if any."""
     if resume:
-        return latest_checkpoint(output / "checkpoints")
+        found = latest_checkpoint(output / "checkpoints")
+        if found is None and (output / "adapter").exists():
+            raise ConfigError(f"{output} holds a finished run and no checkpoint to resume from: use --overwrite to start again")
+        return found
     if output.exists() and any(output.iterdir()):
         if not overwrite:
             raise ConfigError(f"{output} already holds a run: resume it (--resume) or replace it (--overwrite)")
@@ -175,7 +167,8 @@ def train(
         set_seed(config.seed)
 
         # --- model ----------------------------------------------------------------------------------
-        base = base or load_base(model, device=accelerator.device)
+        with accelerator.main_process_first():  # the main process converts a GGUF once; the others then read it
+            base = base or load_base(model, device=accelerator.device)
         if resume_from is not None:
             qmodel = load_adapter(resume_from, base=base, is_trainable=True)
             if qmodel.config != config:
@@ -185,13 +178,15 @@ def train(
         extra_eos = getattr(base.model.generation_config, "eos_token_id", None)
 
         # --- data -----------------------------------------------------------------------------------
-        train_pairs, skipped_train = tokenize_records(train_records, qmodel.tokenizer, config, extra_eos)
-        eval_pairs, skipped_eval = tokenize_records(eval_records, qmodel.tokenizer, config, extra_eos)
+        train_pairs, skipped_train = tokenize_records(train_records, qmodel.tokenizer, config.max_length, config.max_prompt_length, extra_eos)
+        eval_pairs, skipped_eval = tokenize_records(eval_records, qmodel.tokenizer, config.max_length, config.max_prompt_length, extra_eos)
         if not train_pairs:
             raise DataError("no training pair survived tokenization: " + "; ".join(skipped_train[:3]))
         if skipped_train or skipped_eval:
             log(f"skipped {len(skipped_train)} training and {len(skipped_eval)} evaluation pairs: {(skipped_train + skipped_eval)[0]}")
+        data_digest = _digest(train_pairs, eval_pairs)
 
+        @functools.lru_cache(maxsize=1)
         def epoch_batches(epoch: int) -> list[list[int]]:
             batches = prompt_grouped_batches(train_pairs, config.micro_batch_size, seed=config.seed + epoch)
             full = [b for b in batches if len(b) == config.micro_batch_size]  # equal shares keep DDP exact
@@ -206,12 +201,16 @@ def train(
         params = [p for p in qmodel.peft_model.parameters() if p.requires_grad]
         optimizer, scheduler = _optimizer_and_schedule(params, config, total_steps)
         module, optimizer = accelerator.prepare(qmodel.peft_model, optimizer)
-        state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0, "skipped_steps": 0}
+        state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0, "skipped_steps": 0, "data_digest": data_digest}
         if resume_from is not None:
             saved = load_trainer_state(resume_from)
+            if saved["progress"].get("data_digest") != data_digest:
+                raise ConfigError(f"{resume_from} was trained on different data; resume with the same data and split")
             optimizer.optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             set_rng_state(saved["rng"])
+            if accelerator.scaler is not None and "scaler" in saved:
+                accelerator.scaler.load_state_dict(saved["scaler"])
             state = saved["progress"]
             log(f"resumed from {resume_from} at step {state['step']}")
 
@@ -221,9 +220,15 @@ def train(
                 save_checkpoint(
                     qmodel,
                     folder,
-                    {"optimizer": optimizer.optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "progress": state},
+                    {
+                    "optimizer": optimizer.optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "progress": state,
+                    **({"scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}),
+                },
                 )
-                for old in sorted((output / "checkpoints").glob("step-*"))[:-keep_checkpoints]:
+                for old in sorted((output / "checkpoints").glob("step-*"))[: -max(1, keep_checkpoints)]:
                     shutil.rmtree(old, ignore_errors=True)
             accelerator.wait_for_everyone()
 
@@ -252,7 +257,7 @@ def train(
                 log(f"held-out preference accuracy before training: {state['before']['accuracy']:.3f} ({state['eval_seconds']:.0f} s per evaluation)")
             task = bar.add("train", total_steps, completed=state["step"])
             first_step = state["step"]
-            module.train()
+            qmodel.set_training(True)  # LoRA dropout on; the frozen base stays in eval mode
             window: list[objective.PairObjective] = []
             while state["step"] < total_steps:
                 step_started = time.perf_counter()
@@ -263,18 +268,20 @@ def train(
                     batch = collate_pairs([train_pairs[j] for j in index], qmodel.tokenizer.pad_token_id).to(accelerator.device)
                     # accumulate(): gradients are reduced across processes, and the optimizer steps, only on
                     # the last of the `accum` micro-batches; backward() scales the loss by 1/accum.
-                    with accelerator.accumulate(module), accelerator.autocast():
-                        out = qmodel.pair_objective(qmodel.score(batch, module=module), batch)
-                        loss = out.loss.mean()
+                    with accelerator.accumulate(module):
+                        with accelerator.autocast():
+                            out = qmodel.pair_objective(qmodel.score(batch, module=module), batch)
+                            loss = out.loss.mean()
                         finite &= bool(torch.isfinite(loss))  # a CPU-GPU sync point, once per micro-batch
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
                             grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
                             finite &= grad_norm is None or bool(torch.isfinite(grad_norm))  # DeepSpeed clips itself
-                            if finite:
-                                optimizer.step()
-                            elif on_nonfinite == "stop":
+                            finite = _all_ranks(finite, accelerator)  # every replica takes the same decision
+                            if not finite and on_nonfinite == "stop":
                                 raise NonFiniteLoss(f"non-finite loss or gradient at step {state['step'] + 1}; no update was applied")
+                            if finite or accelerator.scaler is not None:
+                                optimizer.step()  # with fp16's grad scaler this also backs off the scale (and skips)
                             optimizer.zero_grad(set_to_none=True)  # free gradient memory before the next forward
                     window.append(out)
                 if not finite:
@@ -295,9 +302,10 @@ def train(
                     state["history"].append({"step": state["step"], "eval": result})
                     state["last_eval"] = result
                     bar.update(task, state["step"], _status(state))
-                if state["step"] < total_steps and (state["step"] % save_every == 0 or stop.requested):
+                stopping = not _all_ranks(not stop.requested, accelerator) and state["step"] < total_steps
+                if state["step"] < total_steps and (state["step"] % save_every == 0 or stopping):
                     checkpoint()
-                if stop.requested:
+                if stopping:  # on the last step, a stop request just lets the run finish
                     raise TrainingInterrupted(f"stopped at step {state['step']} of {total_steps}; a checkpoint was written to {output / 'checkpoints'}")
 
         adapter_dir = output / "adapter"
@@ -326,13 +334,32 @@ def train(
         return TrainResult(adapter_dir, metrics)
 
 
-def _window_metrics(window: list[objective.PairObjective], accelerator: Any) -> dict[str, float]:
-    """Means over the pairs seen since the last log line, gathered from every process."""
-    def mean(name: str) -> float:
-        values = torch.cat([getattr(o, name).detach().float().reshape(-1) for o in window])
-        return accelerator.gather(values).mean().item()
+def _all_ranks(flag: bool, accelerator: Any) -> bool:
+    """True only if ``flag`` holds on every process (a collective: all ranks must call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    agreed = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum")
+    return int(agreed.item()) == accelerator.num_processes
 
-    margins = [o.chosen_rewards - o.rejected_rewards for o in window]
+
+def _digest(*pair_lists: list[TokenizedPair]) -> str:
+    """A fingerprint of the token ids a run trains and evaluates on, to refuse resuming on other data."""
+    digest = hashlib.sha256()
+    for pairs in pair_lists:
+        for pair in pairs:
+            digest.update(repr((pair.prompt, pair.chosen, pair.rejected)).encode())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def _window_metrics(window: list[objective.PairObjective], accelerator: Any) -> dict[str, float | None]:
+    """Means over the pairs seen since the last log line, gathered from every process."""
+    def mean(name: str) -> float | None:  # over finite values: a skipped step must not write NaN into metrics.json
+        parts = [(o.chosen_rewards - o.rejected_rewards) if name == "margins" else getattr(o, name) for o in window]
+        values = accelerator.gather(torch.cat([p.detach().float().reshape(-1) for p in parts]))
+        values = values[torch.isfinite(values)]
+        return values.mean().item() if values.numel() else None
+
     return {
         "loss": mean("loss"),
         "bt_loss": mean("bt_loss"),
@@ -340,7 +367,7 @@ def _window_metrics(window: list[objective.PairObjective], accelerator: Any) -> 
         "rewards/accuracies": mean("accuracy"),
         "rewards/chosen": mean("chosen_rewards"),
         "rewards/rejected": mean("rejected_rewards"),
-        "rewards/margins": accelerator.gather(torch.cat(margins).float()).mean().item(),
+        "rewards/margins": mean("margins"),
     }
 
 
@@ -358,7 +385,7 @@ def _time_estimate(step_seconds: float, step: int, total_steps: int, eval_every:
 def _status(state: dict[str, Any]) -> str:
     parts = []
     last = next((h for h in reversed(state["history"]) if "loss" in h), None)
-    if last:
+    if last and last["loss"] is not None:
         parts.append(f"loss {last['loss']:.3f} acc {last['rewards/accuracies']:.2f}")
     if "last_eval" in state:
         parts.append(f"held-out acc {state['last_eval']['accuracy']:.3f}")

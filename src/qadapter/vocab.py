@@ -28,9 +28,10 @@ class _ChunkedLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for i in range(0, hidden.shape[0], chunk):
-            logits = hidden[i : i + chunk].float() @ weight.float().T  # (c, V)
-            out[i : i + chunk] = torch.logsumexp(logits.mul_(scale), dim=-1)
+        with _full_precision(hidden.device):  # autocast would run these matmuls in bf16/fp16
+            for i in range(0, hidden.shape[0], chunk):
+                logits = hidden[i : i + chunk].float() @ weight.float().T  # (c, V)
+                out[i : i + chunk] = torch.logsumexp(logits.mul_(scale), dim=-1)
         ctx.save_for_backward(hidden, weight, out)
         ctx.scale, ctx.chunk = scale, chunk
         return out
@@ -42,15 +43,16 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         w = weight.float()
         grad_h = torch.empty_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        for i in range(0, hidden.shape[0], chunk):
-            h = hidden[i : i + chunk].float()  # (c, d)
-            # d lse / d logits = softmax; recompute it rather than keep (N, V) alive since forward
-            probs = torch.exp((h @ w.T).mul_(scale).sub_(out[i : i + chunk, None]))  # (c, V)
-            probs.mul_((grad_out[i : i + chunk] * scale)[:, None])
-            if grad_h is not None:
-                grad_h[i : i + chunk] = probs @ w  # (c, d)
-            if grad_w is not None:
-                grad_w += probs.T @ h  # (V, d)
+        with _full_precision(hidden.device):
+            for i in range(0, hidden.shape[0], chunk):
+                h = hidden[i : i + chunk].float()  # (c, d)
+                # d lse / d logits = softmax; recompute it rather than keep (N, V) alive since forward
+                probs = torch.exp((h @ w.T).mul_(scale).sub_(out[i : i + chunk, None]))  # (c, V)
+                probs.mul_((grad_out[i : i + chunk] * scale)[:, None])
+                if grad_h is not None:
+                    grad_h[i : i + chunk] = probs @ w  # (c, d)
+                if grad_w is not None:
+                    grad_w += probs.T @ h  # (V, d)
         return (
             grad_h.to(hidden.dtype) if grad_h is not None else None,
             grad_w.to(weight.dtype) if grad_w is not None else None,
@@ -128,8 +130,14 @@ def kl_from_hidden(
     h_c = h_adapter.float() + ((alpha_0 - 1.0) if q_form == "residual" else alpha_0) * h_base.float()  # (N, d)
     w = weight.float()
     out = torch.empty(h_c.shape[0], dtype=torch.float32, device=h_c.device)
-    for i in range(0, h_c.shape[0], chunk):
-        log_policy = torch.log_softmax(h_c[i : i + chunk] @ w.T / alpha_tilde, dim=-1)  # (c, V)
-        log_base = torch.log_softmax(h_base[i : i + chunk].float() @ w.T, dim=-1)  # (c, V)
-        out[i : i + chunk] = (log_policy.exp() * (log_policy - log_base)).sum(-1)
+    with _full_precision(h_c.device):
+        for i in range(0, h_c.shape[0], chunk):
+            log_policy = torch.log_softmax(h_c[i : i + chunk] @ w.T / alpha_tilde, dim=-1)  # (c, V)
+            log_base = torch.log_softmax(h_base[i : i + chunk].float() @ w.T, dim=-1)  # (c, V)
+            out[i : i + chunk] = (log_policy.exp() * (log_policy - log_base)).sum(-1)
     return out
+
+
+def _full_precision(device: torch.device):
+    """Turn off an enclosing autocast: these reductions are meant to run in float32."""
+    return torch.autocast(device.type, enabled=False)

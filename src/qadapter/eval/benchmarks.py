@@ -22,6 +22,7 @@ from ..errors import DataError
 # minutes on two CPU cores (see the README's evaluation section for the measured times).
 DEFAULT_SIZES = {"arc_easy": 200, "piqa": 200, "hellaswag": 100, "boolq": 100, "mmlu": 100, "gsm8k": 20}
 CHANCE = {"arc_easy": 0.25, "piqa": 0.5, "hellaswag": 0.25, "boolq": 0.5, "mmlu": 0.25, "gsm8k": 0.0}
+GENERATIVE = {"gsm8k"}  # answered by generation; the rest by log-likelihood of each choice
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ..config import QAdapterConfig
 from ..data import PreferenceRecord
 from .judge import BagOfWordsJudge, Judge, RewardModelJudge, pairwise_accuracy
 from .report import write_report
-from .runner import EvalPlan, evaluate
+from .runner import EvalPlan, digest, evaluate
 
 PEERS = ("sft", "dpo", "replay")
 BUILTIN_JUDGE = "builtin"
@@ -29,16 +29,18 @@ def prepare_judge(spec: str, folder: Path, fit: Sequence[PreferenceRecord], test
     """The judge and how good it is on held-out pairs. ``spec``: ``"builtin"`` (a bag-of-words
     Bradley–Terry model trained on ``fit``, cached in ``folder``) or a Hugging Face reward model."""
     info_path = folder / "held_out_accuracy.json"
+    key = digest([spec, [r.prompt_key for r in fit], [r.prompt_key for r in test], len(fit), len(test)])
+    fresh = not info_path.is_file() or json.loads(info_path.read_text(encoding="utf-8")).get("key") != key
     if spec == BUILTIN_JUDGE:
-        if not info_path.is_file():
+        if fresh:  # (re)fit for other data than last time
             judge = BagOfWordsJudge().fit(fit)
             judge.save(folder)
-            write_json_atomic(info_path, {"name": "built-in bag-of-words Bradley–Terry judge", **pairwise_accuracy(judge, test).to_dict()})
+            write_json_atomic(info_path, {"key": key, "name": "built-in bag-of-words Bradley–Terry judge", **pairwise_accuracy(judge, test).to_dict()})
         judge = BagOfWordsJudge.load(folder)
     else:
         judge = RewardModelJudge(spec)
-        if not info_path.is_file():
-            write_json_atomic(info_path, {"name": spec, **pairwise_accuracy(judge, test).to_dict()})
+        if fresh:
+            write_json_atomic(info_path, {"key": key, "name": spec, **pairwise_accuracy(judge, test).to_dict()})
     info = json.loads(info_path.read_text(encoding="utf-8"))
     return judge, {"name": info["name"], "accuracy": info["accuracy"], "accuracy_ci": [info["low"], info["high"]], "n": info["n_pairs"]}
 

@@ -51,8 +51,8 @@ def evaluate_preferences_at(
 ) -> list[PreferenceEval]:
     """One :class:`PreferenceEval` per (α₀, α̃) in ``alphas`` (None: the adapter's own), all from one
     pair of forward passes per batch."""
-    was_training = qmodel.peft_model.training
-    qmodel.peft_model.eval()
+    was_training = qmodel.training
+    qmodel.set_training(False)
     results: list[list[objective.PairObjective]] = [[] for _ in alphas]
     try:
         for index in prompt_grouped_batches(pairs, batch_size):
@@ -64,7 +64,7 @@ def evaluate_preferences_at(
             if on_batch is not None:
                 on_batch(len(index))
     finally:
-        qmodel.peft_model.train(was_training)
+        qmodel.set_training(was_training)
     return [summarize(r) for r in results]
 
 

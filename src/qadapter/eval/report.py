@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import write_json_atomic
-from .benchmarks import CHANCE
+from .benchmarks import CHANCE, GENERATIVE
 from .retention import wilson_interval
 
 
@@ -30,8 +30,10 @@ def qualifying_benchmarks(base: dict[str, Any], margin: float = 0.05) -> list[st
 
 
 def retention_benchmarks(base: dict[str, Any]) -> list[str]:
-    """The benchmarks a retention mean is taken over: the qualifying ones, or all if none qualifies."""
-    return qualifying_benchmarks(base) or list(base["retention"])
+    """The benchmarks a retention mean is taken over: the qualifying log-likelihood ones (every point of
+    the dial has those; generative ones are run for the methods only), or all of those if none qualifies."""
+    scored = [b for b in base["retention"] if b not in GENERATIVE]
+    return [b for b in qualifying_benchmarks(base) if b in scored] or scored
 
 
 def _pct(x: float | None) -> str:
@@ -79,11 +81,11 @@ def markdown(results: dict[str, Any]) -> str:
         out.write(f"\nJudge: {j.get('name')}, held-out pairwise accuracy {_pct(j.get('accuracy'))}%{_interval(j.get('accuracy_ci'))} on {j.get('n')} pairs.\n")
     if results.get("sweep"):
         out.write("\n## The forgetting dial (one adapter, no retraining)\n\n")
-        out.write("| α₀ | retention (mean of * benchmarks, or of all if none has *) | held-out pref. acc. | win rate vs base | KL to base |\n|---|---|---|---|---|\n")
+        out.write("| α₀ | α̃ | retention (mean of * log-likelihood benchmarks) | held-out pref. acc. | win rate vs base | KL to base |\n|---|---|---|---|---|---|\n")
         for row in results["sweep"]:
             kl = row.get("kl_to_base")
             out.write(
-                f"| {row['alpha_0']:g} | {_pct(row['retention_mean'])} | {_pct(row['pref_accuracy'])} | "
+                f"| {row['alpha_0']:g} | {row.get('alpha_tilde', row['alpha_0']):g} | {_pct(row['retention_mean'])} | {_pct(row['pref_accuracy'])} | "
                 f"{_pct(row.get('win_rate_vs_base'))} | {'—' if kl is None else f'{kl:.4f}'} |\n"
             )
     return out.getvalue()
@@ -92,7 +94,7 @@ def markdown(results: dict[str, Any]) -> str:
 def sweep_csv(results: dict[str, Any]) -> str:
     rows = results.get("sweep", [])
     out = io.StringIO()
-    fields = ["alpha_0", "retention_mean", "pref_accuracy", "win_rate_vs_base", "kl_to_base"]
+    fields = ["alpha_0", "alpha_tilde", "retention_mean", "pref_accuracy", "win_rate_vs_base", "kl_to_base"]
     writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)

@@ -33,8 +33,9 @@ class PolicySpec:
 
 
 def _encode(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    # Context and continuation are tokenized apart so every policy scores the same continuation ids.
-    return tokenizer(context)["input_ids"], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    # Context and continuation are tokenized apart so every policy scores the same continuation ids;
+    # no special tokens are added (lm-evaluation-harness's default, and chat-rendered text has its own).
+    return tokenizer(context, add_special_tokens=False)["input_ids"], tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
@@ -61,7 +62,8 @@ def choice_logliks(
             owner.append(i)
     scores: dict[str, list[float]] = {p.name: [] for p in policies}
     device = qmodel.device
-    qmodel.peft_model.eval()
+    was_training = qmodel.training
+    qmodel.set_training(False)
     for start in range(0, len(rows), batch_size):
         ids, attention, completion = (t.to(device) for t in pad_rows(rows[start : start + batch_size], qmodel.tokenizer.pad_token_id))
         with autocast(device, choose_mixed_precision(device)):
@@ -72,6 +74,7 @@ def choice_logliks(
                 scores[policy.name].extend((logp * terms.action_mask).sum(-1).float().cpu().tolist())
         if on_batch is not None:
             on_batch(len(rows[start : start + batch_size]))
+    qmodel.set_training(was_training)
     out: dict[str, list[list[float]]] = {}
     for name, flat in scores.items():
         per_item: list[list[float]] = [[] for _ in items]
@@ -83,12 +86,12 @@ def choice_logliks(
 
 def choice_accuracy(items: Sequence[ChoiceItem], logliks: Sequence[Sequence[float]]) -> tuple[list[int], list[int]]:
     """Per-item correctness (1/0): ``acc`` picks the highest log-likelihood, ``acc_norm`` the highest
-    log-likelihood per byte of the choice (lm-evaluation-harness's two conventions)."""
+    log-likelihood per character of the choice (lm-evaluation-harness's two conventions)."""
     acc, acc_norm = [], []
     for item, scores in zip(items, logliks):
-        per_byte = [s / max(1, len(c.encode("utf-8"))) for s, c in zip(scores, item.choices)]
+        per_char = [s / max(1, len(c)) for s, c in zip(scores, item.choices)]
         acc.append(int(max(range(len(scores)), key=scores.__getitem__) == item.gold))
-        acc_norm.append(int(max(range(len(per_byte)), key=per_byte.__getitem__) == item.gold))
+        acc_norm.append(int(max(range(len(per_char)), key=per_char.__getitem__) == item.gold))
     return acc, acc_norm
 
 
@@ -114,7 +117,8 @@ def kl_to_base(qmodel: Any, texts: Sequence[tuple[str, str]], policies: Sequence
     sums = {p.name: 0.0 for p in policies}
     count = 0
     device = qmodel.device
-    qmodel.peft_model.eval()
+    was_training = qmodel.training
+    qmodel.set_training(False)
     for start in range(0, len(rows), batch_size):
         ids, attention, completion = (t.to(device) for t in pad_rows(rows[start : start + batch_size], qmodel.tokenizer.pad_token_id))
         states = torch.zeros_like(completion, dtype=torch.bool)
@@ -125,6 +129,7 @@ def kl_to_base(qmodel: Any, texts: Sequence[tuple[str, str]], policies: Sequence
                 if not policy.base:
                     sums[policy.name] += passes.kl_to_base(states, policy.alpha_0, policy.alpha_tilde).sum().item()
         count += int(states.sum())
+    qmodel.set_training(was_training)
     return {name: (total / max(count, 1)) for name, total in sums.items()}
 
 

@@ -9,6 +9,7 @@ are scored from the same forward passes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import write_json_atomic
-from ..collate import render, tokenize_pair
+from ..collate import render, tokenize_records
 from ..config import DecodeConfig
 from ..data import PreferenceRecord, read_records
 from ..progress import Progress
@@ -42,19 +43,37 @@ class EvalPlan:
     seed: int = 0
 
 
+def digest(value: Any) -> str:
+    """A short, stable fingerprint of JSON-able inputs."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class StageCache:
-    """One JSON file per finished stage; a stage that has its file is not computed again."""
+    """One JSON file per finished stage, named by the stage and a digest of everything it depends on
+    (the adapter's weights and settings, the items, the policies, the decoding settings): a stage is
+    reused only for the very same inputs, never for a changed adapter, data set or dial."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
 
-    def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        path = self.folder / f"{key}.json"
+    def get(self, stage: str, inputs: dict[str, Any], compute: Callable[[], Any]) -> Any:
+        path = self.folder / f"{stage}-{digest(inputs)}.json"
         if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
+            return json.loads(path.read_text(encoding="utf-8"))["value"]
         value = compute()
-        write_json_atomic(path, value)
+        write_json_atomic(path, {"inputs": inputs, "value": value})
         return value
+
+
+def adapter_digest(qmodel: Any) -> str:
+    """Fingerprint of an adapter: its trainable weights, its settings and its base model."""
+    h = hashlib.sha256()
+    for name, param in sorted(qmodel.peft_model.named_parameters()):
+        if "lora_" in name:
+            h.update(name.encode())
+            h.update(param.detach().float().cpu().numpy().tobytes())
+    h.update(json.dumps([qmodel.config.to_dict(), qmodel.identity.to_dict()], sort_keys=True).encode())
+    return h.hexdigest()[:16]
 
 
 def general_texts(tokenizer: Any, data_root: Path, n: int) -> list[tuple[str, str]]:
@@ -84,6 +103,8 @@ def run_method(
 ) -> dict[str, Any]:
     """Raw per-item results of every policy of ``method`` (cached stage by stage)."""
     raw: dict[str, Any] = {"retention": {}, "gsm8k": {}, "responses": {}}
+    common = {"adapter": adapter_digest(qmodel), "seed": plan.seed}
+    specs = [vars(p) for p in method.policies]
     for bench, n in plan.sizes.items():
         items = load_benchmark(bench, plan.data_root, n=n, seed=plan.seed)
         if isinstance(items[0], ChoiceItem):
@@ -94,15 +115,20 @@ def run_method(
                 bar.remove(task)
                 return {name: dict(zip(("acc", "acc_norm"), choice_accuracy(items, ll))) for name, ll in logliks.items()}
 
-            raw["retention"][bench] = cache.get(f"{method.name}/retention-{bench}", score)
+            raw["retention"][bench] = cache.get(f"{method.name}/retention-{bench}", {**common, "n": n, "policies": specs}, score)
         else:
             for policy in (p for p in method.policies if p.name in method.solve):
                 raw["gsm8k"][policy.name] = cache.get(
-                    f"{method.name}/{bench}-{policy.name}", lambda policy=policy, items=items: generation_correct(qmodel, items, policy)
+                    f"{method.name}/{bench}-{policy.name}",
+                    {**common, "n": n, "policy": vars(policy)},
+                    lambda policy=policy, items=items: generation_correct(qmodel, items, policy),
                 )
     texts = general_texts(qmodel.tokenizer, plan.data_root, plan.kl_texts)
-    raw["kl"] = cache.get(f"{method.name}/kl", lambda: kl_to_base(qmodel, texts, method.policies, batch_size=plan.batch_size // 2))
-    pairs = [tokenize_pair(r, qmodel.tokenizer, qmodel.config.max_length, qmodel.config.max_prompt_length) for r in pref_records]
+    raw["kl"] = cache.get(
+        f"{method.name}/kl", {**common, "texts": digest(texts), "policies": specs}, lambda: kl_to_base(qmodel, texts, method.policies, batch_size=plan.batch_size // 2)
+    )
+    extra_eos = getattr(qmodel.peft_model.generation_config, "eos_token_id", None)
+    pairs, _ = tokenize_records(list(pref_records), qmodel.tokenizer, qmodel.config.max_length, qmodel.config.max_prompt_length, extra_eos)
     scored = [p for p in method.policies if not p.base]
 
     def preferences() -> dict[str, Any]:
@@ -111,10 +137,12 @@ def run_method(
         bar.remove(task)
         return {p.name: e.to_dict() for p, e in zip(scored, evals)}
 
-    raw["preferences"] = cache.get(f"{method.name}/preferences", preferences)
+    raw["preferences"] = cache.get(f"{method.name}/preferences", {**common, "pairs": digest([vars(p) for p in pairs]), "policies": specs}, preferences)
     for policy in (p for p in method.policies if p.name in method.respond):
         raw["responses"][policy.name] = cache.get(
-            f"{method.name}/responses-{policy.name}", lambda policy=policy: respond(qmodel, policy, win_prompts, plan, bar, method.name)
+            f"{method.name}/responses-{policy.name}",
+            {**common, "prompts": digest(list(win_prompts)), "policy": vars(policy), "max_new_tokens": plan.max_new_tokens},
+            lambda policy=policy: respond(qmodel, policy, win_prompts, plan, bar, method.name),
         )
     return raw
 
