@@ -6,7 +6,7 @@
 Sections
   train   time per preference pair (median over ``--repeats`` timed steps, after one warm-up step)
           and peak memory of a step, for
-            (a) qadapter: QAdapterModel.score + objective.pair_objective + backward + AdamW (as train.py);
+            (a) qadapter: QAdapterModel.score + objective.pair_objective + backward + AdamW (as training.py);
             (b) TRL DPOTrainer with a PEFT LoRA (same micro-batches, timed by a TrainerCallback);
             (c) an "official-style" step written below, mirroring the public reference code's costs.
   decode  tokens/s of qadapter's customized policy (residual, α₀=0.5, α̃=1, non-zero LoRA, so both
@@ -120,7 +120,7 @@ def make_plan(args: argparse.Namespace, tokenizer: Any, extra_eos: Any) -> Plan:
             records.append(record)
         except DataError:
             continue
-    # Prompt-grouped like train.py (pairs sharing a prompt are adjacent); only full micro-batches.
+    # Prompt-grouped like training.py (pairs sharing a prompt are adjacent); only full micro-batches.
     batches = [b for b in prompt_grouped_batches(pairs, args.pairs_batch, seed=0) if len(b) == args.pairs_batch]
     if len(batches) < args.repeats + 1:
         raise SystemExit(f"only {len(batches)} full micro-batches of {args.pairs_batch} pairs; need {args.repeats + 1}")
@@ -210,7 +210,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Plan, Any, str]:
 
 
 def worker_train_qadapter(args: argparse.Namespace) -> dict[str, Any]:
-    """(a) What src/qadapter/train.py does per micro-batch, without accelerate's bookkeeping."""
+    """(a) What src/qadapter/training.py does per micro-batch, without accelerate's bookkeeping."""
     import torch
 
     from qadapter import objective
@@ -240,7 +240,7 @@ def worker_train_qadapter(args: argparse.Namespace) -> dict[str, Any]:
             out = objective.pair_objective(terms, batch.chosen_index, batch.rejected_index, gamma=config.gamma, beta=config.beta,
                                            value_state=config.value_state, length_normalize=config.length_normalize)
             loss = out.loss.mean()
-            finite = bool(torch.isfinite(loss))  # train.py's per-micro-batch check (a device sync on CUDA)
+            finite = bool(torch.isfinite(loss))  # training.py's per-micro-batch check (a device sync on CUDA)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         if finite and bool(torch.isfinite(grad_norm)):

@@ -9,7 +9,7 @@ from qadapter.config import DecodeConfig, QAdapterConfig
 from qadapter.data import read_records
 from qadapter.decode import generate
 from qadapter.model import QAdapterModel, load_base
-from qadapter.train import train
+from qadapter.training import train
 
 pytestmark = pytest.mark.bundled
 

@@ -12,7 +12,7 @@ from qadapter.data import read_records
 from qadapter.decode import BASE, DecodeBatch, customized_logits, encode_prompts, generate_ids, mixture
 from qadapter.errors import ConfigError, ModelError
 from qadapter.model import QAdapterModel
-from qadapter.train import train
+from qadapter.training import train
 
 from conftest import marker_records, random_adapter
 

@@ -258,7 +258,7 @@ def test_chat_template_refusing_a_conversation_is_skipped(tok):
 
 def test_training_with_no_usable_pair_is_a_data_error(tiny_model_dir, tmp_path):
     """If truncation leaves no usable training pair, train() stops with a DataError naming the reasons."""
-    from qadapter.train import train
+    from qadapter.training import train
 
     shared = " ".join(["the cat sat on the mat"] * 8)
     records = [PreferenceRecord("why", shared + " good", shared + " bad", f"f:{i}") for i in range(4)]

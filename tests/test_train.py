@@ -12,7 +12,7 @@ from qadapter.checkpoint import latest_checkpoint
 from qadapter.config import QAdapterConfig
 from qadapter.data import read_records, split_by_prompt
 from qadapter.errors import ConfigError
-from qadapter.train import train
+from qadapter.training import train
 
 from conftest import marker_records
 
@@ -94,7 +94,7 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir, split, tmp_path):
 def test_nonfinite_loss_is_skipped_or_stops(tiny_model_dir, split, tmp_path, monkeypatch):
     """A NaN loss never reaches the adapter: the step is skipped (counted), or the run stops with a clear error."""
     from qadapter import objective
-    from qadapter.train import NonFiniteLoss
+    from qadapter.training import NonFiniteLoss
 
     train_records, _ = split
     real = objective.pair_objective

@@ -16,7 +16,7 @@ _EXPORTS = {
     "read_records": "qadapter.data",
     "split_by_prompt": "qadapter.data",
     "PreferenceRecord": "qadapter.data",
-    "train": "qadapter.train",
+    "train": "qadapter.training",
     "generate": "qadapter.decode",
 }
 

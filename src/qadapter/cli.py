@@ -156,7 +156,7 @@ def train(
     config = pick(QAdapterConfig, options)
     if num_processes > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_relaunch(num_processes))
-    from .train import TrainingInterrupted, train as run_training
+    from .training import TrainingInterrupted, train as run_training
 
     console = _console()
     if data is None:  # the main job evaluates before and after only: each evaluation costs ≈2 min on two cores

@@ -88,7 +88,7 @@ def run_experiment(
     ``judge_records``: (fit, test) pairs for the judge; ``prompts``: held-out prompts every policy
     answers for the judged win rate.
     """
-    from ..train import train
+    from ..training import train
     from .baselines import train_baseline
 
     out = Path(output)
