@@ -27,8 +27,9 @@ PAIRS = [
 ] * 4
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def base():
+    # A fresh load per test: PEFT injects LoRA in place, so one loaded base carries one adapter.
     return load_base("bundled", device="cpu")
 
 
