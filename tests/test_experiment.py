@@ -26,7 +26,7 @@ def data_root(tmp_path, monkeypatch):
     (root / "gsm8k").mkdir()
     (root / "gsm8k" / "test.jsonl").write_text("\n".join(json.dumps({"question": "one and two", "answer": f"so #### {n}"}) for n in (3, 4)))
     (root / "hh-rlhf" / "helpful-base").mkdir(parents=True)
-    hh = [{"chosen": f"\n\nHuman: tell me about the {w}\n\nAssistant: it is good", "rejected": f"\n\nHuman: tell me about the {w}\n\nAssistant: no"} for w in WORDS[:4]]
+    hh = [{"chosen": f"\n\nHuman: what is a {w}\n\nAssistant: it is good", "rejected": f"\n\nHuman: what is a {w}\n\nAssistant: no"} for w in WORDS]
     with gzip.open(root / "hh-rlhf" / "helpful-base" / "test.jsonl.gz", "wt") as handle:
         handle.write("\n".join(json.dumps(r) for r in hh))
     monkeypatch.setenv("QADAPTER_DATA_DIR", str(root))
@@ -39,14 +39,15 @@ EVAL_ARGS = ["--sizes", "arc_easy=6,piqa=0,hellaswag=0,boolq=0,mmlu=0,gsm8k=2", 
 
 
 def test_experiment_writes_the_schema_and_resumes(tiny_model_dir, data_root, tmp_path):
-    """Every method has the checked fields, the dial has one row per α₀, and a rerun retrains and re-scores nothing."""
+    """Every method has the checked fields (replay trained the way --replay-base asks), the dial has one row per α₀, and a rerun retrains and re-scores nothing."""
     out = tmp_path / "exp"
-    cmd = ["experiment", "--model", str(tiny_model_dir), "--output", str(out), "--peers", "dpo", *TRAIN_ARGS, *EVAL_ARGS]
+    cmd = ["experiment", "--model", str(tiny_model_dir), "--output", str(out), "--peers", "dpo,replay", "--replay-base", "sft", *TRAIN_ARGS, *EVAL_ARGS]
     result = CliRunner().invoke(app, cmd)
     assert result.exception is None, result.output
     results = json.loads((out / "results.json").read_text())
     assert {"model", "data", "command", "methods", "sweep", "judge"} <= set(results)
-    assert set(results["methods"]) == {"base", "qadapter", "dpo"}
+    assert set(results["methods"]) == {"base", "qadapter", "dpo", "replay"}
+    assert json.loads((out / "replay" / "adapter" / "baseline.json").read_text())["replay_base"] == "sft"
     for name, m in results["methods"].items():
         assert 0 <= m["retention"]["arc_easy"] <= 1 and m["retention_n"]["arc_easy"] == 6
         assert m["retention_n"]["gsm8k"] == 2

@@ -88,6 +88,7 @@ MaxEvalOption = Annotated[Optional[int], typer.Option(help="Evaluate on at most 
 SkipInvalidOption = Annotated[bool, typer.Option(help="Skip malformed records (counted and reported) instead of stopping.")]
 PrecisionOption = Annotated[str, typer.Option(help="'auto' (bf16 only where the hardware has it), 'no', 'bf16' or 'fp16'.")]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
+ReplayBaseOption = Annotated[str, typer.Option(help="replay: train with 'dpo' or 'sft' (base-model replay rows mixed into either).")]
 
 
 @dataclass
@@ -208,7 +209,7 @@ def baseline(
     eval_fraction: EvalFractionOption = 0.2,
     max_train_pairs: MaxTrainOption = None,
     beta_dpo: Annotated[float, typer.Option(help="DPO's β (dpo, and replay with --replay-base dpo).")] = 0.1,
-    replay_base: Annotated[str, typer.Option(help="replay: train with 'dpo' or 'sft'.")] = "dpo",
+    replay_base: ReplayBaseOption = "dpo",
     replay_fraction: Annotated[float, typer.Option(help="replay: fraction of all training rows that are replay rows, in (0, 1).")] = 0.25,
     replay_prompts: Annotated[Optional[str], typer.Option(help="replay: preference data whose prompts the base answers (DPO pairs its answer with the rejected reply). Default: single-turn HH-RLHF helpful-base test prompts.")] = None,
     replay_max_new_tokens: Annotated[Optional[int], typer.Option(help="replay: longest base response (default: max_length − max_prompt_length).")] = None,
@@ -365,6 +366,7 @@ def experiment(
     sweep: SweepOption = "0.25,0.5,1,2,4,8",
     judge: JudgeOption = "builtin",
     peers: Annotated[str, typer.Option(help="Peers to train and compare, among sft, dpo, replay.")] = "sft,dpo,replay",
+    replay_base: ReplayBaseOption = "dpo",
     progress: ProgressOption = True,
     **options: Any,
 ) -> None:
@@ -387,6 +389,7 @@ def experiment(
         peers=[p for p in peers.split(",") if p],
         sweep=_alphas(sweep),
         judge=judge,
+        replay_base=replay_base,
         info=info,
         progress=progress,
         log=console.print,

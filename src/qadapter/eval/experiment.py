@@ -78,6 +78,7 @@ def run_experiment(
     peers: Sequence[str] = PEERS,
     sweep: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
     judge: str = BUILTIN_JUDGE,
+    replay_base: str = "dpo",
     info: dict[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -86,7 +87,7 @@ def run_experiment(
 
     ``train_records``/``eval_records``: the training slice and the held-out pairs (split by prompt);
     ``judge_records``: (fit, test) pairs for the judge; ``prompts``: held-out prompts every policy
-    answers for the judged win rate.
+    answers for the judged win rate; ``replay_base``: the replay peer trains with ``"dpo"`` or ``"sft"``.
     """
     from ..training import train
     from .baselines import train_baseline
@@ -100,7 +101,9 @@ def run_experiment(
         adapters[peer] = out / peer / "adapter"
         if not adapters[peer].is_dir():
             log(f"stage: train {peer}")
-            train_baseline(peer, train_records, out / peer, model=model, config=config, held_out_records=eval_records, progress=progress, log=log)
+            train_baseline(
+                peer, train_records, out / peer, model=model, config=config, replay_base=replay_base, held_out_records=eval_records, progress=progress, log=log
+            )
     log("stage: judge")
     prepared = prepare_judge(judge, out / "judge", *judge_records)
     log("stage: evaluate (cached stage by stage in cache/)")
