@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+# The tests read only the data shipped with the package (or folders they build): a developer's
+# QADAPTER_DATA_DIR, or a ../shared beside the checkout, must not change what they see.
+os.environ.pop("QADAPTER_DATA_DIR", None)
 
 WORDS = (
     "the a cat dog sat ran on mat log red blue green big small fast slow tell me about say something "
@@ -53,6 +58,15 @@ def build_model(vocab_size: int, seed: int = 0):
         bos_token_id=1,
     )
     return LlamaForCausalLM(config)
+
+
+@pytest.fixture()
+def float32(monkeypatch):
+    """Exactness tests check float32 arithmetic: pin what 'auto' resolves to, whatever the CPU
+    (on one with native bf16, 'auto' picks bf16)."""
+    from qadapter.hardware import AUTO_PRECISION_ENV
+
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "no")
 
 
 @pytest.fixture(scope="session")

@@ -155,14 +155,9 @@ def test_replay_records_cache_and_counts(tiny_model_dir, records, replay_pool, t
 def test_default_replay_prompts(records):
     """The default pool: single-turn HH-RLHF helpful-base test prompts, each with its rejected reply,
     minus the prompts given to exclude."""
-    try:
-        from qadapter.data import shared_data_dir
+    from qadapter.data import BUNDLED_DATA
 
-        root = shared_data_dir()
-    except ConfigError:
-        pytest.skip("no shared data folder")
-    if not (root / baselines.DEFAULT_REPLAY_SOURCE).is_file():
-        pytest.skip("HH-RLHF helpful-base test is not in the shared data folder")
+    root = BUNDLED_DATA
     pool = default_replay_prompts(root)
     assert len(pool) > 500 and all(len(r.prompt) == 1 and r.prompt[0]["role"] == "user" for r in pool)
     assert len({r.prompt_key for r in pool}) == len(pool)

@@ -80,7 +80,7 @@ def test_bad_option_value_names_the_field(tmp_path, data_file):
 
 
 def test_train_without_data_uses_the_default_dataset(tiny_model_dir, tmp_path, monkeypatch):
-    """`qadapter train` with no --data reads DSP from the shared data folder with the 'academy' preference."""
+    """`qadapter train` with no --data reads DSP from $QADAPTER_DATA_DIR, when set, with the 'academy' preference."""
     folder = tmp_path / "shared" / "dsp"
     folder.mkdir(parents=True)
     styles = {"academy": "the answer is good and very nice", "business": "bad", "normal": "no", "literature": "maybe so"}
@@ -91,5 +91,5 @@ def test_train_without_data_uses_the_default_dataset(tiny_model_dir, tmp_path, m
     result = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--output", str(out), "--max-steps", "1", "--no-progress"])
     assert result.exception is None and result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["prefer"] == "academy" and metrics["data"].endswith("domain_specific_preference.json")
+    assert metrics["prefer"] == "academy" and metrics["data"] == "dsp/domain_specific_preference.json"
     assert metrics["n_train_pairs"] + metrics["n_eval_pairs"] == 8 * 3

@@ -57,7 +57,7 @@ def test_composition_loads_both_adapters_on_one_base(composed):
 
 
 @pytest.mark.parametrize("weights,alpha_0,alpha_tilde", [({"a": 1.0, "b": 0.5}, 0.7, 1.3), ({"a": 2.0, "b": -0.5}, 1.0, 1.0)])
-def test_composed_logits_equal_formula_from_separate_passes(composed, weights, alpha_0, alpha_tilde):
+def test_composed_logits_equal_formula_from_separate_passes(composed, weights, alpha_0, alpha_tilde, float32):
     """One mixed-batch forward ([a rows; b rows; base rows], one cache) gives the policy of the formula computed from three separate passes."""
     ids, mask = encode_prompts(composed.tokenizer, PROMPTS)
     policy = mixture(composed, DecodeConfig(weights=weights, alpha_0=alpha_0, alpha_tilde=alpha_tilde))
@@ -83,7 +83,7 @@ def test_composed_greedy_decoding_equals_recomputation(composed):
         assert torch.equal(expected.argmax(-1)[live], out[live, step])
 
 
-def test_base_pass_is_skipped_only_when_it_cancels(composed):
+def test_base_pass_is_skipped_only_when_it_cancels(composed, float32):
     """With Σ of the residual weights = α₀ the base logits cancel, so the base rows are left out and the policy is unchanged."""
     ids, mask = encode_prompts(composed.tokenizer, PROMPTS)
     passes = _separate_passes(composed, ids, mask)

@@ -3,6 +3,7 @@ customized policy π̃, and the shipped example task runs end to end offline (ti
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def test_generate_until_samples_when_asked(lm):
 
 def test_example_task_end_to_end_offline(adapter_dir, tmp_path, monkeypatch):
     """The shipped YAML, unchanged, on a tiny copy of the benchmark file where its relative path
-    points (../shared/data/arc/arc_easy.jsonl from the current directory), with the hub offline."""
+    points (src/qadapter/bundled_data/arc/arc_easy.jsonl.gz from the current directory), with the hub offline."""
     import datasets
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -167,11 +168,11 @@ def test_example_task_end_to_end_offline(adapter_dir, tmp_path, monkeypatch):
         {"query": f"Question: what is {words[i]} and {words[i + 1]}", "choices": [words[i], words[i + 1], "red", "blue"], "gold": i % 4}
         for i in range(6)
     ]
-    data = tmp_path / "shared" / "data" / "arc" / "arc_easy.jsonl"
+    data = tmp_path / "src" / "qadapter" / "bundled_data" / "arc" / "arc_easy.jsonl.gz"
     data.parent.mkdir(parents=True)
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    (tmp_path / "repo").mkdir()
-    monkeypatch.chdir(tmp_path / "repo")
+    with gzip.open(data, "wt", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)

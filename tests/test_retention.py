@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +9,12 @@ from torch.testing import assert_close
 
 from qadapter import objective
 from qadapter.config import QAdapterConfig
-from qadapter.eval.benchmarks import CHANCE, DEFAULT_SIZES, ChoiceItem, final_number, load_benchmark
+from qadapter.data import BUNDLED_DATA
+from qadapter.eval.benchmarks import CHANCE, LOADERS, ChoiceItem, final_number, load_benchmark
 from qadapter.eval.retention import PolicySpec, choice_accuracy, choice_logliks, kl_to_base, paired_difference, wilson_interval
 from qadapter.model import QAdapterModel, load_base
 from qadapter.vocab import kl_from_hidden
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
 
 
 @pytest.fixture()
@@ -116,12 +114,11 @@ def test_final_number():
     assert final_number("no digits") is None
 
 
-@needs_shared
-@pytest.mark.parametrize("name", sorted(DEFAULT_SIZES))
+@pytest.mark.parametrize("name", sorted(LOADERS))
 def test_benchmarks_load_a_fixed_sample(name):
     """Each local benchmark loads; the seeded sample is stable and the gold index is in range."""
-    first = load_benchmark(name, SHARED, n=5, seed=0)
-    assert first == load_benchmark(name, SHARED, n=5, seed=0) and len(first) == 5
+    first = load_benchmark(name, BUNDLED_DATA, n=5, seed=0)
+    assert first == load_benchmark(name, BUNDLED_DATA, n=5, seed=0) and len(first) == 5
     assert name in CHANCE
     for item in first:
         if isinstance(item, ChoiceItem):

@@ -24,11 +24,16 @@ def split():
     return split_by_prompt(read_records(marker_records(60)).records, 0.25)
 
 
-def test_learns_marker_preference(tiny_model_dir, split, tmp_path):
-    """'good' beats 'bad': held-out accuracy goes from chance to > 0.9 and the BT loss falls."""
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_learns_marker_preference(tiny_model_dir, split, tmp_path, precision):
+    """'good' beats 'bad': held-out accuracy goes from chance to > 0.9 and the BT loss falls, training
+    in float32 or in bf16 (as 'auto' picks on CPUs with native bf16); held-out scores in float32 either way."""
     train_records, eval_records = split
-    result = train(QAdapterConfig(epochs=3, **FAST), train_records, eval_records, tmp_path / "run", model=str(tiny_model_dir), progress=False, log=lambda s: None)
+    result = train(
+        QAdapterConfig(epochs=3, **FAST), train_records, eval_records, tmp_path / "run", model=str(tiny_model_dir), mixed_precision=precision, progress=False, log=lambda s: None
+    )
     m = result.metrics
+    assert (m["precision"], m["eval_precision"]) == ({"no": "float32", "bf16": "bf16"}[precision], "float32")
     assert abs(m["pref_accuracy_before"] - 0.5) < 0.15
     assert m["pref_accuracy_after"] > 0.9
     losses = [h["bt_loss"] for h in m["history"] if "bt_loss" in h]
@@ -46,7 +51,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, split, tmp_
     adapters = []
     for micro in (8, 4):
         cfg = QAdapterConfig(max_steps=3, lora_dropout=0.0, **{**FAST, "micro_batch_size": micro})
-        result = train(cfg, train_records, [], tmp_path / f"m{micro}", model=str(tiny_model_dir), progress=False, log=lambda s: None)
+        result = train(cfg, train_records, [], tmp_path / f"m{micro}", model=str(tiny_model_dir), mixed_precision="no", progress=False, log=lambda s: None)
         from safetensors.torch import load_file
 
         adapters.append(load_file(result.adapter_dir / "adapter_model.safetensors"))

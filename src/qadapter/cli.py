@@ -20,7 +20,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from .config import ADAPTER_NAME, DecodeConfig, QAdapterConfig
-from .data import shared_data_dir
+from .data import data_file, default_data_dir
 from .errors import ConfigError, QAdapterError
 
 app = typer.Typer(
@@ -34,7 +34,7 @@ app = typer.Typer(
 # The main job when --data is omitted: DSP (Cheng et al., 2023), "academy" style preferred over the
 # other four; 120 training queries (480 pairs, 120 steps) and 25 held-out queries (≈100 pairs),
 # evaluated before and after training only (≈2 min each): about 20 minutes on two CPU cores.
-DEFAULT_DATA = "dsp/domain_specific_preference.json"  # relative to the shared data folder
+DEFAULT_DATA = "dsp/domain_specific_preference.json"  # relative to the data folder (shipped with the package)
 DEFAULT_PREFER = "academy"
 DEFAULT_SLICE = {"max_train_pairs": 480, "max_eval_pairs": 100, "eval_every": 120}
 
@@ -80,13 +80,14 @@ def _console():
 
 # Options shared by several commands, declared once.
 BaseModelOption = Annotated[str, typer.Option("--model", help="Base model: 'bundled' (SmolLM2-135M-Instruct), a hub id, a local folder, or a .gguf file.")]
-DataOption = Annotated[Optional[str], typer.Option(help="Preference data: .jsonl/.json(.gz) file or a datasets name. Default: DSP from the shared data folder.")]
+DataOption = Annotated[Optional[str], typer.Option(help="Preference data: .jsonl/.json(.gz) file or a datasets name. Default: DSP, shipped with qadapter.")]
 PreferOption = Annotated[Optional[str], typer.Option(help="For multi-response records ({query, responses: {style: text}}): the preferred style.")]
 EvalFractionOption = Annotated[float, typer.Option(help="Fraction of prompts held out for evaluation (split by prompt, never by pair; same split in every command).")]
 MaxTrainOption = Annotated[Optional[int], typer.Option(help="Use at most this many training pairs (whole prompts); default data: 480.")]
 MaxEvalOption = Annotated[Optional[int], typer.Option(help="Evaluate on at most this many held-out pairs (whole prompts); default data: 100.")]
 SkipInvalidOption = Annotated[bool, typer.Option(help="Skip malformed records (counted and reported) instead of stopping.")]
-PrecisionOption = Annotated[str, typer.Option(help="'auto' (bf16 only where the hardware has it), 'no', 'bf16' or 'fp16'.")]
+PrecisionOption = Annotated[str, typer.Option(help="Training precision: 'auto' (bf16 only where the hardware has it natively), 'no' (float32), 'bf16' or 'fp16'.")]
+EvalPrecisionOption = Annotated[str, typer.Option(help="Precision of every score (accuracy, retention, KL, judge, answers): 'no' (float32, the default: results do not depend on the machine), 'bf16', 'fp16' or 'auto'.")]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 ReplayBaseOption = Annotated[str, typer.Option(help="replay: train with 'dpo' or 'sft' (base-model replay rows mixed into either).")]
 
@@ -115,11 +116,12 @@ def _split_data(
 ) -> _Split:
     from .data import read_records, split_by_prompt
 
-    if data is None:  # the main job: the default data and slice unless sizes are given
-        data, prefer = str(shared_data_dir() / DEFAULT_DATA), prefer or DEFAULT_PREFER
+    source: str | Path | None = data
+    if data is None:  # the main job: the default data and slice unless sizes are given; recorded by its portable name
+        data, source, prefer = DEFAULT_DATA, data_file(default_data_dir(), DEFAULT_DATA), prefer or DEFAULT_PREFER
         max_train_pairs = max_train_pairs or DEFAULT_SLICE["max_train_pairs"]
         max_eval_pairs = max_eval_pairs or DEFAULT_SLICE["max_eval_pairs"]
-    report = read_records(data, prefer=prefer, skip_invalid=skip_invalid)
+    report = read_records(source, prefer=prefer, skip_invalid=skip_invalid)
     if report.skipped:
         console.print(f"skipped {len(report.skipped)} record(s), e.g. {report.skipped[0]}")
     train_records, held_out = split_by_prompt(report.records, eval_fraction, seed=config.seed)
@@ -149,6 +151,7 @@ def train(
     skip_invalid: SkipInvalidOption = False,
     on_nonfinite: Annotated[str, typer.Option(help="On a NaN/inf loss or gradient: 'skip' the update or 'stop' the run.")] = "skip",
     mixed_precision: PrecisionOption = "auto",
+    eval_precision: EvalPrecisionOption = "no",
     progress: ProgressOption = True,
     num_processes: Annotated[int, typer.Option(help="Data-parallel processes on this machine (runs `accelerate launch` for you).")] = 1,
     **options: Any,
@@ -177,6 +180,7 @@ def train(
             save_every=save_every,
             on_nonfinite=on_nonfinite,
             mixed_precision=mixed_precision,
+            eval_precision=eval_precision,
             progress=progress,
             log=console.print,
             run_info=run_info,
@@ -272,17 +276,23 @@ def _named(values: list[str]) -> dict[str, Path]:
     return named
 
 
-def _plan(sizes: str, max_new_tokens: int) -> Any:
-    from .eval.benchmarks import DEFAULT_SIZES
+def _plan(sizes: str, max_new_tokens: int, precision: str) -> Any:
+    from .eval.benchmarks import DEFAULT_SIZES, LOADERS
     from .eval.runner import EvalPlan
+    from .hardware import choose_mixed_precision, default_device
 
     chosen = dict(DEFAULT_SIZES)
     for part in filter(None, (p.strip() for p in sizes.split(","))):
         name, sep, n = part.partition("=")
-        if not sep or name not in DEFAULT_SIZES or not n.isdigit():
-            raise ConfigError(f"--sizes: expected NAME=N with NAME in {', '.join(DEFAULT_SIZES)}, got {part!r}")
+        if not sep or name not in LOADERS or not n.isdigit():
+            raise ConfigError(f"--sizes: expected NAME=N with NAME in {', '.join(LOADERS)}, got {part!r}")
         chosen[name] = int(n)
-    return EvalPlan(data_root=shared_data_dir(), sizes={k: v for k, v in chosen.items() if v > 0}, max_new_tokens=max_new_tokens)
+    return EvalPlan(
+        data_root=default_data_dir(),
+        sizes={k: v for k, v in chosen.items() if v > 0},
+        max_new_tokens=max_new_tokens,
+        precision=choose_mixed_precision(default_device(), precision),
+    )
 
 
 def _alphas(sweep: str) -> list[float]:
@@ -313,6 +323,7 @@ def evaluate_(
     sweep: SweepOption = "",
     judge: JudgeOption = "builtin",
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated for the win rate.")] = 128,
+    eval_precision: EvalPrecisionOption = "no",
     progress: ProgressOption = True,
 ) -> None:
     """Evaluate methods side by side: retention (paired vs the base), KL to base, held-out preference accuracy, judged win rate."""
@@ -323,10 +334,11 @@ def evaluate_(
     config, base, _ = read_adapter_meta(next(iter(adapters.values())))
     console = _console()
     split = _split_data(config, data, prefer, eval_fraction, None, max_eval_pairs, False, console)
-    prepared = prepare_judge(judge, output / "judge", split.train, split.held_out)
+    plan = _plan(sizes, max_new_tokens, eval_precision)
+    prepared = prepare_judge(judge, output / "judge", split.train, split.held_out, precision=plan.precision)
     console.print(f"judge: {prepared[1]['name']}, held-out pairwise accuracy {prepared[1]['accuracy']:.3f} on {prepared[1]['n']} pairs")
     info = {"model": base.get("name"), "data": f"{split.data} (prefer={split.prefer})", "command": _command_line()}
-    evaluate_and_report(output, adapters, _plan(sizes, max_new_tokens), split.eval_slice, _prompts(split.held_out, win_prompts), prepared, sweep=_alphas(sweep), info=info, progress=progress)
+    evaluate_and_report(output, adapters, plan, split.eval_slice, _prompts(split.held_out, win_prompts), prepared, sweep=_alphas(sweep), info=info, progress=progress)
     console.print(f"report: {output / 'report.md'}")
 
 
@@ -343,11 +355,12 @@ def sweep(
     win_prompts: WinPromptsOption = 40,
     sizes: SizesOption = "",
     judge: JudgeOption = "builtin",
+    eval_precision: EvalPrecisionOption = "no",
     progress: ProgressOption = True,
 ) -> None:
     """One adapter at several α₀ without retraining: retention vs alignment (plot, CSV, JSON)."""
     evaluate_(
-        [f"qadapter={adapter}", *(peer or [])], output, data, prefer, eval_fraction, max_eval_pairs, win_prompts, sizes, alpha_0, judge, 128, progress
+        [f"qadapter={adapter}", *(peer or [])], output, data, prefer, eval_fraction, max_eval_pairs, win_prompts, sizes, alpha_0, judge, 128, eval_precision, progress
     )
 
 
@@ -367,6 +380,7 @@ def experiment(
     judge: JudgeOption = "builtin",
     peers: Annotated[str, typer.Option(help="Peers to train and compare, among sft, dpo, replay.")] = "sft,dpo,replay",
     replay_base: ReplayBaseOption = "dpo",
+    eval_precision: EvalPrecisionOption = "no",
     progress: ProgressOption = True,
     **options: Any,
 ) -> None:
@@ -384,7 +398,7 @@ def experiment(
         (split.train, split.held_out),
         _prompts(split.held_out, win_prompts),
         config=config,
-        plan=_plan(sizes, 128),
+        plan=_plan(sizes, 128, eval_precision),
         model=model,
         peers=[p for p in peers.split(",") if p],
         sweep=_alphas(sweep),

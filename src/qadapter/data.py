@@ -21,9 +21,10 @@ Files: ``.jsonl`` / ``.json`` (a list of records), optionally ``.gz``; or any Hu
 
 from __future__ import annotations
 
+import bz2
 import gzip
-import os
 import hashlib
+import os
 import json
 import math
 import random
@@ -32,7 +33,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import IO, Any, Union
 
 from .errors import DataError
 
@@ -369,11 +370,32 @@ def split_by_prompt(
     return train, held_out
 
 
-def shared_data_dir() -> Path:
-    """The folder of bundled public datasets: $QADAPTER_DATA_DIR, else ../shared/data from the
-    current folder or from this checkout."""
-    candidates = [os.environ.get("QADAPTER_DATA_DIR"), Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    raise DataError("no default data folder found: pass --data FILE, or set QADAPTER_DATA_DIR to the shared data folder")
+BUNDLED_DATA = Path(__file__).with_name("bundled_data")  # the data the default commands read, shipped with the package
+COMPRESSED = (".gz", ".bz2")
+
+
+def default_data_dir() -> Path:
+    """The folder the default commands read their data from: ``$QADAPTER_DATA_DIR`` when set (a
+    fuller or newer copy, e.g. the project's optional ``../shared/data``), else the data shipped
+    inside the package (``qadapter/bundled_data``, see its README for sources and licences)."""
+    chosen = os.environ.get("QADAPTER_DATA_DIR")
+    if not chosen:
+        return BUNDLED_DATA
+    if not Path(chosen).is_dir():
+        raise DataError(f"QADAPTER_DATA_DIR={chosen}: not a folder")
+    return Path(chosen)
+
+
+def data_file(root: str | Path, relative: str) -> Path:
+    """``root/relative``, or its compressed copy (``.gz``/``.bz2``) where only that exists."""
+    plain = Path(root) / relative
+    for candidate in (plain, *(plain.with_name(plain.name + suffix) for suffix in COMPRESSED)):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{plain}: data file not found (nor a .gz/.bz2 copy of it)")
+
+
+def open_text(path: Path, newline: str | None = None) -> IO[str]:
+    """Open a (possibly gzip- or bzip2-compressed) UTF-8 text file."""
+    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)
+    return opener(path, "rt", encoding="utf-8", newline=newline)

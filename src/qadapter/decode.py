@@ -22,7 +22,7 @@ from .collate import pad_rows
 from .config import DecodeConfig
 from .data import Message
 from .errors import ConfigError
-from .hardware import autocast, choose_mixed_precision
+from .hardware import MixedPrecision, autocast, choose_mixed_precision
 from .model import position_ids
 from .sampling import sample_next
 
@@ -124,13 +124,14 @@ class DecodeBatch:
     explicit, so padding in front changes nothing) and leave (:meth:`keep`) between steps.
     """
 
-    def __init__(self, qmodel: Any) -> None:
+    def __init__(self, qmodel: Any, precision: MixedPrecision | None = None) -> None:
+        """``precision``: None decodes in what the hardware does best (``auto``); evaluation passes its own."""
         self.model = qmodel.peft_model
         self.device = qmodel.device
         # Where logits are W·h, combine final hidden states and project once per sequence: the
         # vocabulary projection is the largest matrix, and on a CPU two rows cost it more than twice one.
         self.head = qmodel.peft_model.get_output_embeddings().weight if qmodel.hidden_path else None
-        self.precision = choose_mixed_precision(self.device)
+        self.precision = choose_mixed_precision(self.device) if precision is None else precision
         self.mixtures: list[Mixture] = []  # per sequence
         self.cache: Any = None  # over all rows
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (rows, L)
@@ -271,14 +272,16 @@ def generate_ids(
     attention_mask: torch.Tensor,
     config: DecodeConfig = DecodeConfig(),
     policy: Policy = "customized",
+    precision: MixedPrecision | None = None,
 ) -> torch.Tensor:
-    """New token ids, (b, T) → (b, n ≤ max_new_tokens), rows padded after their EOS."""
+    """New token ids, (b, T) → (b, n ≤ max_new_tokens), rows padded after their EOS; ``precision``
+    as :class:`DecodeBatch`."""
     device = qmodel.device
     pad = qmodel.tokenizer.pad_token_id
     eos = torch.tensor(eos_ids(qmodel), device=device)
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
     policy_mix = mixture(qmodel, config, policy)
-    batch = DecodeBatch(qmodel)
+    batch = DecodeBatch(qmodel, precision)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     new_tokens = []
     was_training = qmodel.training
@@ -306,9 +309,10 @@ def generate(
     config: DecodeConfig = DecodeConfig(),
     policy: Policy = "customized",
     chat: bool = True,
+    precision: MixedPrecision | None = None,
 ) -> list[str]:
     """Generate a completion per prompt with the customized (or the base) policy."""
     batch = [prompts] if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)) else list(prompts)
     ids, mask = encode_prompts(qmodel.tokenizer, batch, chat)  # type: ignore[arg-type]
-    out = generate_ids(qmodel, ids, mask, config, policy)
+    out = generate_ids(qmodel, ids, mask, config, policy, precision)
     return [qmodel.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.tolist()]

@@ -8,7 +8,17 @@ from typing import Literal
 
 import torch
 
-MixedPrecision = Literal["no", "bf16", "fp16"]
+MixedPrecision = Literal["no", "bf16", "fp16"]  # "no": float32 throughout
+
+# Scoring runs in float32 unless asked otherwise: bf16 moves continuation log-likelihoods of the
+# bundled model by 0.1–0.3 nats, more than the gap between the two best answers of many items, so
+# the same experiment would give other numbers on a CPU with native bf16 than on one without.
+EVAL_PRECISION: MixedPrecision = "no"
+
+# What "auto" resolves to can be forced, to run the tests as a machine of another kind would
+# (e.g. QADAPTER_AUTO_PRECISION=bf16 on a CPU without native bf16).
+AUTO_PRECISION_ENV = "QADAPTER_AUTO_PRECISION"
+_NAMES = {"no": "no", "float32": "no", "fp32": "no", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
 
 
 @functools.cache
@@ -32,11 +42,17 @@ def default_device() -> torch.device:
 
 
 def choose_mixed_precision(device: torch.device, requested: str = "auto") -> MixedPrecision:
-    """``auto``: bf16 where the device has it natively (CUDA with bf16, CPUs with AVX-512 BF16/AMX), else full precision."""
-    if requested in ("no", "bf16", "fp16"):
-        return requested  # type: ignore[return-value]
+    """``auto``: bf16 where the device has it natively (CUDA with bf16, CPUs with AVX-512 BF16/AMX),
+    else full precision; ``no``/``float32``, ``bf16``/``bfloat16`` and ``fp16``/``float16`` as named."""
+    if requested in _NAMES:
+        return _NAMES[requested]  # type: ignore[return-value]
     if requested != "auto":
-        raise ValueError(f"mixed precision must be 'auto', 'no', 'bf16' or 'fp16', got {requested!r}")
+        raise ValueError(f"precision must be 'auto', 'no' (float32), 'bf16' or 'fp16', got {requested!r}")
+    forced = os.environ.get(AUTO_PRECISION_ENV)
+    if forced:
+        if forced not in _NAMES:
+            raise ValueError(f"{AUTO_PRECISION_ENV}={forced!r}: expected no, bf16 or fp16")
+        return _NAMES[forced]  # type: ignore[return-value]
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type == "cpu":
@@ -48,3 +64,18 @@ def autocast(device: torch.device, precision: MixedPrecision):
     """An autocast context for inference passes in the chosen precision (a no-op for 'no')."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def precision_name(precision: MixedPrecision) -> str:
+    """How results record a precision: ``float32``, ``bf16`` or ``fp16``."""
+    return "float32" if precision == "no" else precision
+
+
+def release_accelerator_precision() -> None:
+    """Let the next ``Accelerator`` pick its own mixed precision. accelerate keeps one per process and
+    refuses another, so without this a second training in one process (a notebook, an experiment, a
+    test) could not switch between float32 and bf16. The process group (``PartialState``) is kept;
+    transformers' Trainer resets the state the same way between hyper-parameter trials."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()

@@ -30,6 +30,7 @@ from .config import QAdapterConfig
 from .data import PreferenceRecord
 from .errors import ConfigError, DataError, QAdapterError
 from .eval.preference import PreferenceEval, evaluate_preferences
+from .hardware import EVAL_PRECISION, choose_mixed_precision, default_device, precision_name, release_accelerator_precision
 from .model import BUNDLED, LoadedBase, QAdapterModel, load_base
 from .progress import Progress
 
@@ -127,6 +128,7 @@ def train(
     keep_checkpoints: int = 2,
     on_nonfinite: str = "skip",
     mixed_precision: str = "auto",
+    eval_precision: str = EVAL_PRECISION,
     progress: bool = True,
     log: Callable[[str], None] = print,
     run_info: dict[str, Any] | None = None,
@@ -134,14 +136,14 @@ def train(
     """Train a Q-Adapter on ``train_records``, reporting held-out preference accuracy on ``eval_records``
     before training, every ``eval_every`` steps and at the end.
 
-    ``on_nonfinite``: ``"skip"`` drops an optimizer step whose loss or gradient is NaN/inf,
+    ``mixed_precision`` is the training precision (``auto``: bf16 where the hardware has it
+    natively); ``eval_precision`` the precision of the held-out evaluations (float32 by default, so
+    accuracies do not depend on the machine). ``on_nonfinite``: ``"skip"`` drops an optimizer step whose loss or gradient is NaN/inf,
     ``"stop"`` raises :class:`NonFiniteLoss`. Returns the adapter folder and the metrics written
     to ``metrics.json``.
     """
     from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
-
-    from .hardware import choose_mixed_precision, default_device
 
     if on_nonfinite not in ("skip", "stop"):
         raise ConfigError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
@@ -155,6 +157,8 @@ def train(
         )
     accum = micro_per_step // world  # micro-batches each process accumulates per optimizer step
     precision = choose_mixed_precision(default_device(), mixed_precision)
+    scoring = choose_mixed_precision(default_device(), eval_precision)
+    release_accelerator_precision()
     accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu, gradient_accumulation_steps=accum)
     is_main = accelerator.is_main_process
     if not is_main:  # only rank 0 talks, writes checkpoints and reports
@@ -234,19 +238,20 @@ def train(
 
         eval_every = eval_every or max(1, total_steps // 4)
         save_every = save_every or max(1, total_steps // 4)  # cheap: adapter + optimizer state
-        bar = Progress(enabled=progress and is_main)
+        bar = Progress(enabled=progress and is_main, log=log)
 
         def evaluate(label: str) -> PreferenceEval:
             task = bar.add(f"eval ({label})", len(eval_pairs))
             result = evaluate_preferences(
-                qmodel, eval_pairs, batch_size=config.micro_batch_size * 2, precision=precision, on_batch=lambda n: bar.advance(task, n)
+                qmodel, eval_pairs, batch_size=config.micro_batch_size * 2, precision=scoring, on_batch=lambda n: bar.advance(task, n)
             )
             bar.remove(task)
             return result
 
         log(
             f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs; {total_steps} steps of {config.batch_size} pairs "
-            f"({world} process(es) × {accum} accumulated micro-batches of {config.micro_batch_size}); precision {precision}"
+            f"({world} process(es) × {accum} accumulated micro-batches of {config.micro_batch_size}); "
+            f"training in {precision_name(precision)}, evaluating in {precision_name(scoring)}"
         )
         stop = _StopFlag()
         with bar, stop.installed():
@@ -323,7 +328,8 @@ def train(
             "history": state["history"],
             "config": config.to_dict(),
             "base_model": qmodel.identity.name,
-            "precision": precision,
+            "precision": precision_name(precision),
+            "eval_precision": precision_name(scoring),
             "processes": world,
             **(run_info or {}),
         }

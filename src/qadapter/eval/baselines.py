@@ -53,13 +53,13 @@ from typing import Any
 
 from ..checkpoint import atomic_dir, write_adapter_files, write_json_atomic
 from ..config import DecodeConfig, QAdapterConfig
-from ..data import Message, PreferenceRecord, Turns, read_records, shared_data_dir
+from ..data import Message, PreferenceRecord, Turns, data_file, default_data_dir, read_records
 from ..errors import ConfigError, DataError
 
 METHODS = ("sft", "dpo", "replay")
 REPLAY_BASES = ("dpo", "sft")
 BASELINE_FILE = "baseline.json"
-DEFAULT_REPLAY_SOURCE = "hh-rlhf/helpful-base/test.jsonl.gz"  # relative to the shared data folder
+DEFAULT_REPLAY_SOURCE = "hh-rlhf/helpful-base/test.jsonl.gz"  # relative to the data folder (shipped with the package)
 ReplayPrompt = PreferenceRecord | str | list[Message]
 
 
@@ -106,9 +106,7 @@ def default_replay_prompts(data_dir: str | Path, exclude: Iterable[PreferenceRec
     rejected, which DPO replay pairs with the base's response. Prompts of ``exclude`` (the training
     and held-out records) are left out, so HH data trained on is never replayed.
     """
-    path = Path(data_dir) / DEFAULT_REPLAY_SOURCE
-    if not path.is_file():
-        raise DataError(f"{path}: default replay prompts not found; pass replay prompts explicitly (--replay-prompts)")
+    path = data_file(data_dir, DEFAULT_REPLAY_SOURCE)
     excluded = {r.prompt_key for r in exclude}
     seen: set[str] = set()
     pool = []
@@ -341,10 +339,9 @@ def train_baseline(
     if method == "replay":
         held_out = {r.prompt_key for r in held_out_records}
         if replay_prompts is None:
-
-            root = Path(data_dir) if data_dir is not None else shared_data_dir()
+            root = Path(data_dir) if data_dir is not None else default_data_dir()
             replay_prompts = default_replay_prompts(root, exclude=[*train_records, *held_out_records])
-            replay_source = str(root / DEFAULT_REPLAY_SOURCE)
+            replay_source = DEFAULT_REPLAY_SOURCE  # relative: results must not carry this machine's paths
         else:
             replay_prompts = [p for p in replay_prompts if not (isinstance(p, PreferenceRecord) and p.prompt_key in held_out)]
             replay_source = f"{len(replay_prompts)} given prompts"
@@ -410,6 +407,7 @@ def _run_trl(
     import datasets
     from transformers import PrinterCallback, TrainingArguments
 
+    from ..hardware import release_accelerator_precision
     from ..model import lora_config
 
     common: dict[str, Any] = dict(
@@ -442,6 +440,7 @@ def _run_trl(
     bars = datasets.is_progress_bar_enabled()
     if not progress:
         datasets.disable_progress_bars()  # TRL's dataset preparation bars
+    release_accelerator_precision()  # the Trainer's Accelerator takes this run's precision
     try:
         with tempfile.TemporaryDirectory(prefix=".trl-", dir=output) as trl_dir:  # nothing is saved there
             dataset = datasets.Dataset.from_list(rows)

@@ -8,7 +8,6 @@ items with the same prompts.
 
 from __future__ import annotations
 
-import bz2
 import csv
 import json
 import random
@@ -16,13 +15,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import data_file, open_text
 from ..errors import DataError
 
 # Items per benchmark by default: one adapter (its base rows included) of the bundled 135M model in
 # about ten minutes on two CPU cores, from measured seconds per item (≈0.66 ARC-Easy/PIQA, 1.9 HellaSwag,
 # 1.5 BoolQ, 3.1 MMLU, 12 GSM8K), with most items where the base is above chance.
 DEFAULT_SIZES = {"arc_easy": 200, "piqa": 150, "hellaswag": 50, "boolq": 40, "mmlu": 40, "gsm8k": 10}
-CHANCE = {"arc_easy": 0.25, "piqa": 0.5, "hellaswag": 0.25, "boolq": 0.5, "mmlu": 0.25, "gsm8k": 0.0}
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "piqa": 0.5, "hellaswag": 0.25, "boolq": 0.5, "mmlu": 0.25, "gsm8k": 0.0}
 GENERATIVE = {"gsm8k"}  # answered by generation; the rest by log-likelihood of each choice
 
 
@@ -45,10 +45,8 @@ class GenerationItem:
     answer: str
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DataError(f"{path}: benchmark file not found (is the shared data folder in place?)")
-    with open(path, encoding="utf-8") as handle:
+def _jsonl(root: Path, relative: str) -> list[dict]:
+    with open_text(data_file(root, relative)) as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 
@@ -59,19 +57,27 @@ def _sample(items: list, n: int | None, seed: int) -> list:
     return [items[i] for i in picked]
 
 
+def _arc(root: Path, name: str) -> list[ChoiceItem]:
+    rows = _jsonl(root, f"arc/{name}.jsonl")
+    return [ChoiceItem(f"{name}/{i}", f"{r['query']}\nAnswer:", tuple(f" {c}" for c in r["choices"]), r["gold"]) for i, r in enumerate(rows)]
+
+
 def arc_easy(root: Path) -> list[ChoiceItem]:
-    rows = _jsonl(root / "arc" / "arc_easy.jsonl")
-    return [ChoiceItem(f"arc_easy/{i}", f"{r['query']}\nAnswer:", tuple(f" {c}" for c in r["choices"]), r["gold"]) for i, r in enumerate(rows)]
+    return _arc(root, "arc_easy")
+
+
+def arc_challenge(root: Path) -> list[ChoiceItem]:
+    return _arc(root, "arc_challenge")
 
 
 def boolq(root: Path) -> list[ChoiceItem]:
-    rows = _jsonl(root / "boolq" / "boolq.jsonl")
+    rows = _jsonl(root, "boolq/boolq.jsonl")
     return [ChoiceItem(f"boolq/{i}", f"{r['query']}\nAnswer:", tuple(f" {c}" for c in r["choices"]), r["gold"]) for i, r in enumerate(rows)]
 
 
 def piqa(root: Path) -> list[ChoiceItem]:
-    rows = _jsonl(root / "piqa" / "valid.jsonl")
-    labels = (root / "piqa" / "valid-labels.lst").read_text().split()
+    rows = _jsonl(root, "piqa/valid.jsonl")
+    labels = data_file(root, "piqa/valid-labels.lst").read_text().split()
     return [
         ChoiceItem(f"piqa/{i}", f"Question: {r['goal']}\nAnswer:", (f" {r['sol1']}", f" {r['sol2']}"), int(label))
         for i, (r, label) in enumerate(zip(rows, labels, strict=True))
@@ -79,10 +85,8 @@ def piqa(root: Path) -> list[ChoiceItem]:
 
 
 def hellaswag(root: Path) -> list[ChoiceItem]:
-    path = root / "hellaswag" / "hellaswag_val_full.txt.bz2"
-    if not path.is_file():
-        raise DataError(f"{path}: benchmark file not found")
-    lines = bz2.open(path, "rt", encoding="utf-8").read().split("\n")
+    with open_text(data_file(root, "hellaswag/hellaswag_val_full.txt")) as handle:
+        lines = handle.read().split("\n")
     items = []
     for i in range(len(lines) // 6):  # six lines per item: context, gold, four endings
         ctx, gold, *endings = lines[6 * i : 6 * i + 6]
@@ -92,9 +96,9 @@ def hellaswag(root: Path) -> list[ChoiceItem]:
 
 def mmlu(root: Path) -> list[ChoiceItem]:
     items = []
-    for path in sorted((root / "mmlu" / "test").glob("*_test.csv")):
-        subject = path.name[: -len("_test.csv")].replace("_", " ")
-        with open(path, encoding="utf-8", newline="") as handle:
+    for path in sorted((root / "mmlu" / "test").glob("*_test.csv*")):
+        subject = path.name[: path.name.index("_test.csv")].replace("_", " ")
+        with open_text(path, newline="") as handle:
             for j, row in enumerate(csv.DictReader(handle)):
                 options = "".join(f"\n{letter}. {row[f'choice{k}']}" for k, letter in enumerate("ABCD"))
                 context = f"The following are multiple choice questions (with answers) about {subject}.\n\n{row['question']}{options}\nAnswer:"
@@ -105,11 +109,11 @@ def mmlu(root: Path) -> list[ChoiceItem]:
 
 
 def gsm8k(root: Path) -> list[GenerationItem]:
-    rows = _jsonl(root / "gsm8k" / "test.jsonl")
+    rows = _jsonl(root, "gsm8k/test.jsonl")
     return [GenerationItem(f"gsm8k/{i}", f"Question: {r['question']}\nAnswer:", r["answer"].split("####")[-1].strip()) for i, r in enumerate(rows)]
 
 
-LOADERS = {"arc_easy": arc_easy, "piqa": piqa, "hellaswag": hellaswag, "boolq": boolq, "mmlu": mmlu, "gsm8k": gsm8k}
+LOADERS = {"arc_easy": arc_easy, "arc_challenge": arc_challenge, "piqa": piqa, "hellaswag": hellaswag, "boolq": boolq, "mmlu": mmlu, "gsm8k": gsm8k}
 
 
 def load_benchmark(name: str, root: str | Path, n: int | None = None, seed: int = 0) -> list:

@@ -25,7 +25,9 @@ PEERS = ("sft", "dpo", "replay")
 BUILTIN_JUDGE = "builtin"
 
 
-def prepare_judge(spec: str, folder: Path, fit: Sequence[PreferenceRecord], test: Sequence[PreferenceRecord]) -> tuple[Judge, dict[str, Any]]:
+def prepare_judge(
+    spec: str, folder: Path, fit: Sequence[PreferenceRecord], test: Sequence[PreferenceRecord], precision: str = "no"
+) -> tuple[Judge, dict[str, Any]]:
     """The judge and how good it is on held-out pairs. ``spec``: ``"builtin"`` (a bag-of-words
     Bradley–Terry model trained on ``fit``, cached in ``folder``) or a Hugging Face reward model."""
     info_path = folder / "held_out_accuracy.json"
@@ -38,7 +40,7 @@ def prepare_judge(spec: str, folder: Path, fit: Sequence[PreferenceRecord], test
             write_json_atomic(info_path, {"key": key, "name": "built-in bag-of-words Bradley–Terry judge", **pairwise_accuracy(judge, test).to_dict()})
         judge = BagOfWordsJudge.load(folder)
     else:
-        judge = RewardModelJudge(spec)
+        judge = RewardModelJudge(spec, precision=precision)
         if fresh:
             write_json_atomic(info_path, {"key": key, "name": spec, **pairwise_accuracy(judge, test).to_dict()})
     info = json.loads(info_path.read_text(encoding="utf-8"))
@@ -96,7 +98,7 @@ def run_experiment(
     adapters = {"qadapter": out / "qadapter" / "adapter"}
     if not adapters["qadapter"].is_dir():
         log("stage: train Q-Adapter")
-        train(config, train_records, eval_records, out / "qadapter", model=model, resume=True, progress=progress, log=log)
+        train(config, train_records, eval_records, out / "qadapter", model=model, resume=True, eval_precision=plan.precision, progress=progress, log=log)
     for peer in peers:
         adapters[peer] = out / peer / "adapter"
         if not adapters[peer].is_dir():
@@ -105,6 +107,6 @@ def run_experiment(
                 peer, train_records, out / peer, model=model, config=config, replay_base=replay_base, held_out_records=eval_records, progress=progress, log=log
             )
     log("stage: judge")
-    prepared = prepare_judge(judge, out / "judge", *judge_records)
+    prepared = prepare_judge(judge, out / "judge", *judge_records, precision=plan.precision)
     log("stage: evaluate (cached stage by stage in cache/)")
     return evaluate_and_report(out, adapters, plan, eval_records, prompts, prepared, sweep=sweep, info=info, progress=progress)

@@ -172,13 +172,15 @@ class RewardModelJudge:
         device: torch.device | str | None = None,
         batch_size: int = 8,
         max_length: int = 4096,
+        precision: str = "no",
     ) -> None:
+        """``precision``: the weights' dtype, float32 (``"no"``, the evaluation default), ``bf16`` or ``fp16``."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from ..hardware import default_device
+        from ..hardware import choose_mixed_precision, default_device
 
         self.device = torch.device(device) if device is not None else default_device()
-        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choose_mixed_precision(self.device, precision)]
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             model, info = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True)

@@ -49,6 +49,7 @@ from lm_eval.models.huggingface import HFLM
 from .. import objective
 from ..config import DecodeConfig
 from ..decode import generate_ids
+from ..hardware import EVAL_PRECISION, MixedPrecision, autocast
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +174,15 @@ class QAdapterLM(HFLM):
         """
         if attn_mask is not None or labels is not None:
             raise NotImplementedError("qadapter evaluates causal LMs only")
-        precision = getattr(self, "mixed_precision_dtype", None)  # HFLM's mixed_precision_dtype argument, where it has one
-        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=precision, enabled=precision is not None):
+        with torch.no_grad(), autocast(self.device, self._precision()):
             q, base_logprobs = self.qmodel.q_and_base_logprobs(inps, torch.ones_like(inps))  # (b, T, V) each
             return objective.combined_logits(q, base_logprobs, self.alpha_0, self.alpha_tilde)  # (b, T, V)
+
+    def _precision(self) -> MixedPrecision:
+        """Scoring and generation both run in HFLM's ``mixed_precision_dtype`` where it has one, else
+        in float32 (qadapter's evaluation precision)."""
+        dtype = getattr(self, "mixed_precision_dtype", None)
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, EVAL_PRECISION)  # type: ignore[return-value]
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -228,7 +234,7 @@ class QAdapterLM(HFLM):
         used, chunk = 0, self.gen_chunk_tokens
         while active and used < budget:
             n = min(chunk, budget - used)
-            new = generate_ids(self.qmodel, ids, mask, self._decode_config(n, dict(generation_kwargs))).to(ids.device)  # (r, m ≤ n)
+            new = generate_ids(self.qmodel, ids, mask, self._decode_config(n, dict(generation_kwargs)), precision=self._precision()).to(ids.device)  # (r, m ≤ n)
             keep = []
             for j, row in enumerate(active):
                 tokens = new[j].tolist()

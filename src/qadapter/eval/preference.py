@@ -9,7 +9,7 @@ import torch
 
 from .. import objective
 from ..collate import TokenizedPair, collate_pairs, prompt_grouped_batches
-from ..hardware import MixedPrecision, autocast
+from ..hardware import EVAL_PRECISION, MixedPrecision, autocast
 
 
 @dataclass
@@ -32,7 +32,7 @@ def evaluate_preferences(
     pairs: list[TokenizedPair],
     *,
     batch_size: int = 8,
-    precision: MixedPrecision = "no",
+    precision: MixedPrecision = EVAL_PRECISION,
     on_batch: Callable[[int], None] | None = None,
 ) -> PreferenceEval:
     """Score every pair with the current adapter at its own (α₀, α̃); ``on_batch(n_pairs)`` reports progress."""
@@ -46,7 +46,7 @@ def evaluate_preferences_at(
     alphas: list[tuple[float | None, float | None]],
     *,
     batch_size: int = 8,
-    precision: MixedPrecision = "no",
+    precision: MixedPrecision = EVAL_PRECISION,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[PreferenceEval]:
     """One :class:`PreferenceEval` per (α₀, α̃) in ``alphas`` (None: the adapter's own), all from one

@@ -18,7 +18,7 @@ import torch
 
 from ..collate import pad_rows
 from ..config import DecodeConfig
-from ..hardware import autocast, choose_mixed_precision
+from ..hardware import EVAL_PRECISION, MixedPrecision, autocast
 from .benchmarks import ChoiceItem, GenerationItem, final_number
 
 
@@ -46,6 +46,7 @@ def choice_logliks(
     *,
     batch_size: int = 16,
     max_length: int = 1024,
+    precision: MixedPrecision = EVAL_PRECISION,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, list[list[float]]]:
     """log P(choice | context) per policy, item and choice, summed over the choice's tokens.
@@ -66,7 +67,7 @@ def choice_logliks(
     qmodel.set_training(False)
     for start in range(0, len(rows), batch_size):
         ids, attention, completion = (t.to(device) for t in pad_rows(rows[start : start + batch_size], qmodel.tokenizer.pad_token_id))
-        with autocast(device, choose_mixed_precision(device)):
+        with autocast(device, precision):
             passes = qmodel.passes(ids, attention)
             for policy in policies:
                 terms = passes.terms(completion, policy.alpha_0, policy.alpha_tilde)
@@ -95,7 +96,9 @@ def choice_accuracy(items: Sequence[ChoiceItem], logliks: Sequence[Sequence[floa
     return acc, acc_norm
 
 
-def generation_correct(qmodel: Any, items: Sequence[GenerationItem], policy: PolicySpec, *, max_new_tokens: int = 192, batch_size: int = 8) -> list[int]:
+def generation_correct(
+    qmodel: Any, items: Sequence[GenerationItem], policy: PolicySpec, *, max_new_tokens: int = 192, batch_size: int = 8, precision: MixedPrecision = EVAL_PRECISION
+) -> list[int]:
     """Per-item exact match of the final number of a greedy answer (GSM8K convention), 1/0."""
     from ..decode import generate
 
@@ -103,7 +106,7 @@ def generation_correct(qmodel: Any, items: Sequence[GenerationItem], policy: Pol
     correct = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        answers = generate(qmodel, [item.prompt for item in chunk], config, policy="base" if policy.base else "customized", chat=False)
+        answers = generate(qmodel, [item.prompt for item in chunk], config, policy="base" if policy.base else "customized", chat=False, precision=precision)
         for item, text in zip(chunk, answers):
             answer = text.split("Question:")[0].split("\n\n")[0]  # the harness stops at these
             correct.append(int(final_number(answer) == final_number(item.answer)))
@@ -111,7 +114,9 @@ def generation_correct(qmodel: Any, items: Sequence[GenerationItem], policy: Pol
 
 
 @torch.no_grad()
-def kl_to_base(qmodel: Any, texts: Sequence[tuple[str, str]], policies: Sequence[PolicySpec], *, batch_size: int = 8) -> dict[str, float]:
+def kl_to_base(
+    qmodel: Any, texts: Sequence[tuple[str, str]], policies: Sequence[PolicySpec], *, batch_size: int = 8, precision: MixedPrecision = EVAL_PRECISION
+) -> dict[str, float]:
     """Mean per-token KL(π̃ ‖ π₁) over the response tokens of (prompt, response) texts, per policy."""
     rows = [_encode(qmodel.tokenizer, prompt, response) for prompt, response in texts]
     sums = {p.name: 0.0 for p in policies}
@@ -123,7 +128,7 @@ def kl_to_base(qmodel: Any, texts: Sequence[tuple[str, str]], policies: Sequence
         ids, attention, completion = (t.to(device) for t in pad_rows(rows[start : start + batch_size], qmodel.tokenizer.pad_token_id))
         states = torch.zeros_like(completion, dtype=torch.bool)
         states[:, :-1] = completion[:, 1:].bool()  # the states from which response tokens are drawn
-        with autocast(device, choose_mixed_precision(device)):
+        with autocast(device, precision):
             passes = qmodel.passes(ids, attention)
             for policy in policies:
                 if not policy.base:

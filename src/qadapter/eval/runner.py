@@ -19,7 +19,8 @@ from typing import Any
 from ..checkpoint import write_json_atomic
 from ..collate import render, tokenize_records
 from ..config import DecodeConfig
-from ..data import PreferenceRecord, read_records
+from ..data import PreferenceRecord, data_file, read_records
+from ..hardware import EVAL_PRECISION, MixedPrecision, precision_name
 from ..progress import Progress
 from .benchmarks import DEFAULT_SIZES, ChoiceItem, load_benchmark
 from .judge import Judge, win_rate
@@ -41,6 +42,7 @@ class EvalPlan:
     max_new_tokens: int = 128
     batch_size: int = 16
     seed: int = 0
+    precision: MixedPrecision = EVAL_PRECISION  # every score of every policy, the base's included
 
 
 def digest(value: Any) -> str:
@@ -78,7 +80,7 @@ def adapter_digest(qmodel: Any) -> str:
 
 def general_texts(tokenizer: Any, data_root: Path, n: int) -> list[tuple[str, str]]:
     """(prompt, response) texts of general conversations for the KL measurement, chat-rendered."""
-    records = read_records(data_root / KL_SOURCE, skip_invalid=True).records[:n]
+    records = read_records(data_file(data_root, KL_SOURCE), skip_invalid=True).records[:n]
     return [render(r, tokenizer)[:2] for r in records]
 
 
@@ -103,7 +105,7 @@ def run_method(
 ) -> dict[str, Any]:
     """Raw per-item results of every policy of ``method`` (cached stage by stage)."""
     raw: dict[str, Any] = {"retention": {}, "gsm8k": {}, "responses": {}}
-    common = {"adapter": adapter_digest(qmodel), "seed": plan.seed}
+    common = {"adapter": adapter_digest(qmodel), "seed": plan.seed, "precision": plan.precision}
     specs = [vars(p) for p in method.policies]
     for bench, n in plan.sizes.items():
         items = load_benchmark(bench, plan.data_root, n=n, seed=plan.seed)
@@ -111,7 +113,7 @@ def run_method(
 
             def score(items: list = items, bench: str = bench) -> dict[str, Any]:
                 task = bar.add(f"{method.name}: {bench}", sum(len(i.choices) for i in items))
-                logliks = choice_logliks(qmodel, items, method.policies, batch_size=plan.batch_size, on_batch=lambda k: bar.advance(task, k))
+                logliks = choice_logliks(qmodel, items, method.policies, batch_size=plan.batch_size, precision=plan.precision, on_batch=lambda k: bar.advance(task, k))
                 bar.remove(task)
                 return {name: dict(zip(("acc", "acc_norm"), choice_accuracy(items, ll))) for name, ll in logliks.items()}
 
@@ -121,11 +123,11 @@ def run_method(
                 raw["gsm8k"][policy.name] = cache.get(
                     f"{method.name}/{bench}-{policy.name}",
                     {**common, "n": n, "policy": vars(policy)},
-                    lambda policy=policy, items=items: generation_correct(qmodel, items, policy),
+                    lambda policy=policy, items=items: generation_correct(qmodel, items, policy, precision=plan.precision),
                 )
     texts = general_texts(qmodel.tokenizer, plan.data_root, plan.kl_texts)
     raw["kl"] = cache.get(
-        f"{method.name}/kl", {**common, "texts": digest(texts), "policies": specs}, lambda: kl_to_base(qmodel, texts, method.policies, batch_size=plan.batch_size // 2)
+        f"{method.name}/kl", {**common, "texts": digest(texts), "policies": specs}, lambda: kl_to_base(qmodel, texts, method.policies, batch_size=plan.batch_size // 2, precision=plan.precision)
     )
     extra_eos = getattr(qmodel.peft_model.generation_config, "eos_token_id", None)
     pairs, _ = tokenize_records(list(pref_records), qmodel.tokenizer, qmodel.config.max_length, qmodel.config.max_prompt_length, extra_eos)
@@ -133,7 +135,9 @@ def run_method(
 
     def preferences() -> dict[str, Any]:
         task = bar.add(f"{method.name}: preferences", len(pairs))
-        evals = evaluate_preferences_at(qmodel, pairs, [(p.alpha_0, p.alpha_tilde) for p in scored], batch_size=plan.batch_size // 2, on_batch=lambda k: bar.advance(task, k))
+        evals = evaluate_preferences_at(
+            qmodel, pairs, [(p.alpha_0, p.alpha_tilde) for p in scored], batch_size=plan.batch_size // 2, precision=plan.precision, on_batch=lambda k: bar.advance(task, k)
+        )
         bar.remove(task)
         return {p.name: e.to_dict() for p, e in zip(scored, evals)}
 
@@ -156,7 +160,7 @@ def respond(qmodel: Any, policy: PolicySpec, prompts: Sequence[Any], plan: EvalP
     answers = []
     for start in range(0, len(prompts), plan.batch_size // 2):
         chunk = list(prompts[start : start + plan.batch_size // 2])
-        answers += generate(qmodel, chunk, config, policy="base" if policy.base else "customized")
+        answers += generate(qmodel, chunk, config, policy="base" if policy.base else "customized", precision=plan.precision)
         bar.advance(task, len(chunk))
     bar.remove(task)
     return answers
@@ -257,7 +261,7 @@ def evaluate(
             del qmodel
     first = next(iter(methods))
     base_raw = raws[first]
-    results: dict[str, Any] = {"methods": {"base": metrics("base", base_raw, base_raw, judge, win_prompts)}}
+    results: dict[str, Any] = {"precision": precision_name(plan.precision), "methods": {"base": metrics("base", base_raw, base_raw, judge, win_prompts)}}
     for name in methods:
         results["methods"][name] = metrics(name, raws[name], base_raw, judge, win_prompts)
     results["methods"]["base"]["pref_accuracy"] = None

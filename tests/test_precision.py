@@ -1,0 +1,69 @@
+"""Precision is chosen on purpose: 'auto' for training, float32 for every score unless asked, and
+the suite can be run as a machine of the other kind would run it (QADAPTER_AUTO_PRECISION)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qadapter import hardware
+from qadapter.collate import tokenize_records
+from qadapter.config import QAdapterConfig
+from qadapter.data import read_records
+from qadapter.eval.benchmarks import ChoiceItem
+from qadapter.eval.preference import evaluate_preferences_at
+from qadapter.eval.retention import PolicySpec, choice_logliks
+from qadapter.hardware import AUTO_PRECISION_ENV, choose_mixed_precision, precision_name
+from qadapter.model import QAdapterModel, load_base
+
+from conftest import marker_records, random_adapter
+
+CPU = torch.device("cpu")
+
+
+def test_auto_follows_the_cpu_unless_forced(monkeypatch):
+    monkeypatch.delenv(AUTO_PRECISION_ENV, raising=False)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert choose_mixed_precision(CPU) == "bf16"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert choose_mixed_precision(CPU) == "no"
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "bf16")
+    assert choose_mixed_precision(CPU) == "bf16" and choose_mixed_precision(CPU, "float32") == "no"
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "fp64")
+    with pytest.raises(ValueError, match="QADAPTER_AUTO_PRECISION='fp64'"):
+        choose_mixed_precision(CPU)
+
+
+def test_precision_names():
+    assert [choose_mixed_precision(CPU, n) for n in ("no", "float32", "bfloat16", "bf16", "float16")] == ["no", "no", "bf16", "bf16", "fp16"]
+    assert [precision_name(p) for p in ("no", "bf16", "fp16")] == ["float32", "bf16", "fp16"]
+    with pytest.raises(ValueError, match="precision must be"):
+        choose_mixed_precision(CPU, "int8")
+
+
+def test_scoring_defaults_to_float32_whatever_auto_picks(tiny_model_dir, tmp_path, monkeypatch):
+    """On a CPU with native bf16 'auto' picks bf16; retention scores must still be float32 ones."""
+    qmodel = QAdapterModel.from_pretrained(random_adapter(tiny_model_dir, tmp_path / "a"), device="cpu")
+    items = [ChoiceItem(str(i), "tell me about the cat", (" good", " bad", " red dog"), 0) for i in range(4)]
+    policies = [PolicySpec("base", base=True), PolicySpec("q", 0.5, 0.5)]
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "no")
+    exact = choice_logliks(qmodel, items, policies)
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "bf16")
+    assert choice_logliks(qmodel, items, policies) == exact
+    assert choice_logliks(qmodel, items, policies, precision="bf16") != exact  # the setting reaches the forward
+
+
+def test_bf16_scores_agree_with_float32_within_tolerance(tiny_model_dir, tmp_path):
+    """bf16 scoring is an approximation: continuation log-likelihoods within 0.1 nats per token and
+    pair margins within 0.2 nats on the tiny model (the bundled model moves more: see the README)."""
+    qmodel = QAdapterModel.from_pretrained(random_adapter(tiny_model_dir, tmp_path / "a"), device="cpu")
+    items = [ChoiceItem(str(i), "tell me about the cat and the dog", (" good", " bad nice", " red dog sat"), 0) for i in range(4)]
+    policies = [PolicySpec("base", base=True), PolicySpec("q", 1.0, 1.0)]
+    full, half = (choice_logliks(qmodel, items, policies, precision=p) for p in ("no", "bf16"))
+    for name in full:
+        for item, f_row, h_row in zip(items, full[name], half[name]):
+            for choice, f, h in zip(item.choices, f_row, h_row):
+                assert abs(f - h) <= 0.1 * len(choice.split()), (name, choice, f, h)
+    pairs, _ = tokenize_records(read_records(marker_records(6)).records, qmodel.tokenizer, 64, 32)
+    (f32,), (b16,) = (evaluate_preferences_at(qmodel, pairs, [(None, None)], precision=p) for p in ("no", "bf16"))
+    assert abs(f32.margin_mean - b16.margin_mean) < 0.2
