@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DSP = REPO.parent / "shared" / "data" / "dsp" / "domain_specific_preference.json"
+DEFAULT_DSP = REPO / "src" / "qadapter" / "bundled_data" / "dsp" / "domain_specific_preference.json.gz"  # shipped with qadapter
 WORKERS = ("train-qadapter", "train-trl", "train-official", "decode")
 # Method settings shared by (a) and (c); LoRA settings shared by all three (QAdapterConfig's defaults).
 ALPHA_0, ALPHA_TILDE, GAMMA, BETA = 1.0, 1.0, 1.0, 0.1

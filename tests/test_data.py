@@ -538,7 +538,7 @@ def test_missing_file(tmp_path, name):
 
 def test_directory_is_not_a_data_file(tmp_path):
     """An existing directory raises DataError instead of being handed to `datasets`."""
-    with pytest.raises(DataError, match="no such data file"):
+    with pytest.raises(DataError, match="is a folder, not a data file"):
         read_records(tmp_path)
 
 

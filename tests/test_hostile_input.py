@@ -378,12 +378,18 @@ def test_read_records_property(lines):
 
 
 sentences = st.lists(st.sampled_from(WORDS), min_size=1, max_size=30).map(" ".join)
-chat_turn = st.builds(lambda role, content: {"role": role, "content": content}, st.sampled_from(["system", "user", "assistant"]), sentences)
+# a valid history: an optional system turn, then user/assistant exchanges (the question follows as a user turn)
+chat_history = st.builds(
+    lambda system, exchanges: ([{"role": "system", "content": system}] if system else [])
+    + [{"role": role, "content": text} for exchange in exchanges for role, text in zip(("user", "assistant"), exchange)],
+    st.one_of(st.none(), sentences),
+    st.lists(st.tuples(sentences, sentences), max_size=2),
+)
 
 
 @settings(max_examples=150, deadline=None, database=None)
 @given(
-    history=st.lists(chat_turn, max_size=4),
+    history=chat_history,
     question=sentences,
     chosen=sentences,
     rejected=sentences,

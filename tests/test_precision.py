@@ -67,3 +67,12 @@ def test_bf16_scores_agree_with_float32_within_tolerance(tiny_model_dir, tmp_pat
     pairs, _ = tokenize_records(read_records(marker_records(6)).records, qmodel.tokenizer, 64, 32)
     (f32,), (b16,) = (evaluate_preferences_at(qmodel, pairs, [(None, None)], precision=p) for p in ("no", "bf16"))
     assert abs(f32.margin_mean - b16.margin_mean) < 0.2
+
+
+def test_per_pair_margins_come_back_in_input_order(tiny_model_dir, tmp_path):
+    qmodel = QAdapterModel.from_pretrained(random_adapter(tiny_model_dir, tmp_path / "a"), device="cpu")
+    pairs, _ = tokenize_records(read_records(marker_records(8)).records, qmodel.tokenizer, 64, 32)
+    (whole,) = evaluate_preferences_at(qmodel, pairs, [(None, None)], batch_size=3, keep_pairs=True)
+    singles = [evaluate_preferences_at(qmodel, [p], [(None, None)])[0].margin_mean for p in pairs]
+    assert whole.margins == pytest.approx(singles, abs=1e-4)
+    assert whole.margin_mean == pytest.approx(sum(singles) / len(singles), abs=1e-4) and "margins" in whole.to_dict()

@@ -72,10 +72,13 @@ def pick(config_cls: type, options: dict[str, Any]) -> Any:
     return config_cls(**{k: v for k, v in options.items() if k in names})
 
 
-def _console():
+def _console(stderr: bool = False):
+    """Messages and progress go to stdout (so `qadapter train > log` keeps them), errors to stderr;
+    a log file gets whole lines, not lines wrapped at 80 columns."""
     from rich.console import Console
 
-    return Console(stderr=True)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, soft_wrap=not stream.isatty())
 
 
 # Options shared by several commands, declared once.
@@ -558,5 +561,5 @@ def main() -> None:
     except QAdapterError as exc:
         if os.environ.get("QADAPTER_DEBUG") == "1":
             raise
-        _console().print(f"[red]error:[/red] {exc}", highlight=False)
+        _console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(2)

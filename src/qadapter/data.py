@@ -22,6 +22,7 @@ Files: ``.jsonl`` / ``.json`` (a list of records), optionally ``.gz``; or any Hu
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import hashlib
 import os
@@ -29,6 +30,7 @@ import json
 import math
 import random
 import re
+import stat
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -128,8 +130,26 @@ def _split_common_prompt(chosen: list[Message], rejected: list[Message]) -> tupl
     return prompt, chosen_rest, rejected_rest
 
 
+def _check_turn_order(turns: list[Message], what: str) -> None:
+    """Chat templates expect: an optional system turn first, then a user turn, then user and assistant
+    turns alternating (tool results may follow an assistant turn)."""
+    roles = [m["role"] for m in turns]
+    start = 1 if roles[0] == "system" else 0
+    for i in range(start, len(roles)):
+        role, previous = roles[i], roles[i - 1] if i > start else None
+        if role == "system":
+            raise ValueError(f"'{what}' has a system turn at position {i}; only the first turn may be a system turn")
+        if previous is None and role != "user":
+            raise ValueError(f"'{what}' must open with a user turn (after an optional system turn), not {role!r}")
+        if role == previous and role != "tool":
+            raise ValueError(f"'{what}' has two {role} turns in a row (positions {i - 1} and {i})")
+        if role == "tool" and previous not in ("assistant", "tool"):
+            raise ValueError(f"'{what}' has a tool turn at position {i} that does not follow an assistant turn")
+
+
 def _check_conversation(prompt: list[Message], chosen: list[Message], rejected: list[Message]) -> None:
-    """Prompt ends with a user (or tool) turn; each response starts with an assistant turn and says something."""
+    """Turns in an order chat templates accept; the prompt ends with a user (or tool) turn and says
+    something; each response starts with an assistant turn and says something."""
     if prompt[-1]["role"] not in ("user", "tool"):
         raise ValueError(f"the prompt must end with a user turn, not {prompt[-1]['role']!r}")
     for name, rest in (("chosen", chosen), ("rejected", rejected)):
@@ -137,6 +157,10 @@ def _check_conversation(prompt: list[Message], chosen: list[Message], rejected: 
             raise ValueError(f"'{name}' must start with an assistant turn, not {rest[0]['role']!r}")
         if not any(m["content"].strip() for m in rest):
             raise ValueError(f"the {name} response is empty")
+    _check_turn_order(prompt + chosen, "prompt + chosen")
+    _check_turn_order(prompt + rejected, "prompt + rejected")
+    if not any(m["content"].strip() for m in prompt if m["role"] != "system"):
+        raise ValueError("the prompt is empty")
 
 
 def _conversation(value: Any, what: str) -> list[Message]:
@@ -311,6 +335,31 @@ def _raw_from_datasets(name: str, split: str) -> Iterator[tuple[Any, str, str | 
         yield dict(row), f"{name}[{split}][{i}]", None
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _local_kind(path: Path) -> str | None:
+    """"file" for a readable regular file, None where nothing exists, else why it cannot be read."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks; a FIFO must never be opened (it blocks)
+    except FileNotFoundError:
+        return None if not path.is_symlink() else "a symlink to nothing"
+    except OSError as exc:
+        return "a symlink loop" if exc.errno == errno.ELOOP else f"cannot be read ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "is a folder, not a data file" if stat.S_ISDIR(mode) else "is not a regular file (a FIFO, socket or device)"
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``name`` or ``namespace/name`` with no file suffix and no local folder for the namespace:
+    only such names are looked up with ``datasets``; anything else is a missing file."""
+    if not _HUB_ID.fullmatch(name) or Path(name).suffix in (".json", ".jsonl", ".gz", ".parquet", ".csv"):
+        return False
+    namespace = name.split("/")[0]
+    return "/" not in name or not Path(namespace).is_dir()
+
+
 def read_records(
     source: str | Path | Iterable[dict[str, Any]],
     *,
@@ -321,9 +370,12 @@ def read_records(
     """Read preference records from a file, a ``datasets`` source name, or an iterable of dicts."""
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if path.is_file():
+        local = _local_kind(path)
+        if local == "file":
             raw: Iterable[tuple[Any, str, str | None]] = _raw_from_file(path)
-        elif path.suffix in (".json", ".jsonl", ".gz") or path.exists():
+        elif local is not None:
+            raise DataError(f"{path}: {local}")
+        elif isinstance(source, Path) or not _looks_like_hub_id(source):
             raise DataError(f"{path}: no such data file")
         else:
             raw = _raw_from_datasets(str(source), split)

@@ -33,6 +33,7 @@ from .eval.preference import PreferenceEval, evaluate_preferences
 from .hardware import EVAL_PRECISION, choose_mixed_precision, default_device, precision_name, release_accelerator_precision
 from .model import BUNDLED, LoadedBase, QAdapterModel, load_base
 from .progress import Progress
+from .run_folder import claimed
 
 
 class TrainingInterrupted(QAdapterError):
@@ -85,32 +86,14 @@ class _StopFlag:
                 signal.signal(sig, old)
 
 
-@contextlib.contextmanager
-def _exclusive(output: Path) -> Iterator[None]:
-    """Hold an exclusive lock beside the run folder for as long as the run writes into it."""
-    import fcntl
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output.parent / f".{output.name}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{output} is in use by another training run") from None
-        yield
-
-
-def _prepare_output(output: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Refuse to clobber an earlier run silently; return the checkpoint to resume from, if any."""
-    if resume:
-        found = latest_checkpoint(output / "checkpoints")
-        if found is None and (output / "adapter").exists():
-            raise ConfigError(f"{output} holds a finished run and no checkpoint to resume from: use --overwrite to start again")
-        return found
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{output} already holds a run: resume it (--resume) or replace it (--overwrite)")
-        shutil.rmtree(output)
-    return None
+def _resume_point(output: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, if any; a finished run has none to offer."""
+    if not resume:
+        return None
+    found = latest_checkpoint(output / "checkpoints")
+    if found is None and (output / "adapter").exists():
+        raise ConfigError(f"{output} holds a finished run and no checkpoint to resume from: use --overwrite to start again")
+    return found
 
 
 def train(
@@ -164,9 +147,8 @@ def train(
     if not is_main:  # only rank 0 talks, writes checkpoints and reports
         log = lambda message: None  # noqa: E731
     with contextlib.ExitStack() as held:
-        if is_main:  # two runs must never write into one folder
-            held.enter_context(_exclusive(output))
-        resume_from = _prepare_output(output, resume, overwrite) if is_main else None
+        run = held.enter_context(claimed(output, resume=resume, overwrite=overwrite)) if is_main else None  # one writer; nothing of the user's lost
+        resume_from = _resume_point(output, resume) if is_main else None
         resume_from = _broadcast(resume_from, accelerator)
         set_seed(config.seed)
 
@@ -234,6 +216,7 @@ def train(
                 )
                 for old in sorted((output / "checkpoints").glob("step-*"))[: -max(1, keep_checkpoints)]:
                     shutil.rmtree(old, ignore_errors=True)
+                run.settle()  # a run this one replaces (--overwrite) can go now
             accelerator.wait_for_everyone()
 
         eval_every = eval_every or max(1, total_steps // 4)

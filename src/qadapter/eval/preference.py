@@ -21,9 +21,10 @@ class PreferenceEval:
     loss: float  # mean Bradley–Terry + β·penalty
     chosen_reward_mean: float
     rejected_reward_mean: float
+    margins: list[float] | None = None  # per pair, in the order given (only when asked: keep_pairs=True)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @torch.no_grad()
@@ -47,15 +48,18 @@ def evaluate_preferences_at(
     *,
     batch_size: int = 8,
     precision: MixedPrecision = EVAL_PRECISION,
+    keep_pairs: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[PreferenceEval]:
     """One :class:`PreferenceEval` per (α₀, α̃) in ``alphas`` (None: the adapter's own), all from one
-    pair of forward passes per batch."""
+    pair of forward passes per batch; ``keep_pairs`` adds each pair's margin, in the order of ``pairs``."""
     was_training = qmodel.training
     qmodel.set_training(False)
     results: list[list[objective.PairObjective]] = [[] for _ in alphas]
+    order: list[int] = []
     try:
         for index in prompt_grouped_batches(pairs, batch_size):
+            order += index
             batch = collate_pairs([pairs[i] for i in index], qmodel.tokenizer.pad_token_id).to(qmodel.device)
             with autocast(qmodel.device, precision):
                 passes = qmodel.passes(batch.input_ids, batch.attention_mask)
@@ -65,7 +69,13 @@ def evaluate_preferences_at(
                 on_batch(len(index))
     finally:
         qmodel.set_training(was_training)
-    return [summarize(r) for r in results]
+    summaries = [summarize(r) for r in results]
+    if keep_pairs:
+        position = torch.tensor(order).argsort()  # batches are grouped by prompt; margins go back to input order
+        for summary, r in zip(summaries, results):
+            margins = torch.cat([(o.chosen_rewards - o.rejected_rewards).detach().float().cpu() for o in r])
+            summary.margins = margins[position].tolist()
+    return summaries
 
 
 def summarize(results: list[objective.PairObjective]) -> PreferenceEval:
