@@ -72,3 +72,15 @@ def test_hub_ids_go_to_datasets(name, tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no usable preference records"):  # the stub yields none
         read_records(name)
     assert asked == [name]
+
+
+def test_a_huge_record_is_refused_before_tokenization(tmp_path):
+    """A 200 MB record once drove the tokenizer past 12 GB: over 1M characters a record is refused by line."""
+    from qadapter.data import MAX_RECORD_CHARS
+
+    path = tmp_path / "big.jsonl"
+    rows = [{"prompt": "hi", "chosen": "good", "rejected": "bad"}, {"prompt": "hi", "chosen": "x" * MAX_RECORD_CHARS, "rejected": "bad"}]
+    path.write_text("\n".join(__import__("json").dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=r"big.jsonl:2: the record holds 1,000,0\d\d characters, more than the 1,000,000"):
+        read_records(path)
+    assert len(read_records(path, skip_invalid=True).records) == 1

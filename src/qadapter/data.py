@@ -42,6 +42,9 @@ from .errors import DataError
 Message = dict[str, str]
 Turns = Union[str, list[Message]]  # plain text, or a conversation
 ROLES = ("system", "user", "assistant", "tool")
+# Far beyond any context a pair is trained on (it is cut to max_length tokens), and small enough that
+# tokenizing it cannot exhaust memory: one 200 MB record once drove the tokenizer past 12 GB.
+MAX_RECORD_CHARS = 1_000_000
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
@@ -239,6 +242,13 @@ def _check_unicode(rec: PreferenceRecord) -> None:
         raise ValueError("text holds an unpaired surrogate (a '\\ud800'-style escape), which is not valid Unicode") from None
 
 
+def _check_size(rec: PreferenceRecord) -> None:
+    texts = [t if isinstance(t, str) else "".join(m["content"] for m in t) for t in (rec.prompt, rec.chosen, rec.rejected)]
+    size = sum(map(len, texts))
+    if size > MAX_RECORD_CHARS:
+        raise ValueError(f"the record holds {size:,} characters, more than the {MAX_RECORD_CHARS:,} qadapter reads per record")
+
+
 def parse_record(obj: Any, origin: str, prefer: str | None = None) -> list[PreferenceRecord]:
     """Normalise one raw record (any accepted layout) into PreferenceRecords.
 
@@ -262,6 +272,7 @@ def parse_record(obj: Any, origin: str, prefer: str | None = None) -> list[Prefe
             if rec.chosen == rec.rejected:
                 raise ValueError("chosen and rejected are identical")
             _check_unicode(rec)
+            _check_size(rec)
     except DataError:
         raise
     except ValueError as exc:
