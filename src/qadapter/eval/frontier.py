@@ -1,0 +1,124 @@
+"""The forgetting study's read-out, pure formatting over its ``results.json`` (no torch).
+
+Schema: ``{"settings": {SETTING: {"methods": {METHOD: {"points": [POINT, ...]}}}}, ...}`` where a
+point is ``{"knob": {...}, "win_rate", "win_rate_ci", "pref_accuracy", "kl_to_base", "bpb_delta",
+"retention": {BENCH: {"n", "acc", "delta", "delta_ci", "mcnemar_p", "changed", "mde"}}}``. Every
+method is a curve across its knob (Q-Adapter's dial, DPO's decoding-time dial, DPO's weight
+interpolation); comparisons are made at matched alignment, i.e. at the point of each method whose
+judged win rate is closest to the reference method's (DPO, β = 0.1).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+REFERENCE = "dpo"  # the alignment every method is matched to
+
+
+def retention_delta(point: dict[str, Any], benches: list[str]) -> float | None:
+    """Mean over ``benches`` of the paired accuracy difference to the base (None if one is missing)."""
+    deltas = [point["retention"][b]["delta"] for b in benches if b in point.get("retention", {})]
+    return sum(deltas) / len(deltas) if deltas and len(deltas) == len(benches) else None
+
+
+def matched(setting: dict[str, Any], reference: str = REFERENCE) -> dict[str, dict[str, Any]]:
+    """Each method's point whose win rate is closest to the reference method's first point."""
+    methods = setting["methods"]
+    target = next((p["win_rate"] for p in methods.get(reference, {}).get("points", []) if p.get("win_rate") is not None), None)
+    if target is None:
+        return {}
+    out = {}
+    for name, method in methods.items():
+        scored = [p for p in method["points"] if p.get("win_rate") is not None]
+        if scored and name != "base":
+            out[name] = min(scored, key=lambda p: abs(p["win_rate"] - target))
+    return out
+
+
+def _knob(knob: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in knob.items()) or "—"
+
+
+def _delta(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "—"
+    lo, hi = r["delta_ci"]
+    return f"{100 * r['delta']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] p={r['mcnemar_p']:.2g}"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """Per setting: every point of every method, then the matched-alignment table."""
+    out = io.StringIO()
+    for name, setting in results["settings"].items():
+        benches = setting.get("benchmarks", [])
+        out.write(f"## Setting `{name}`\n\n")
+        base = setting["methods"].get("base", {}).get("points", [{}])[0]
+        if base.get("retention"):
+            out.write("Base accuracy: " + ", ".join(f"{b} {_pct(base['retention'][b]['acc'])}% (n={base['retention'][b]['n']})" for b in benches if b in base["retention"]) + "\n\n")
+        out.write("| method | knob | win rate vs base | KL to base | bpb Δ | pref. acc. | " + " | ".join(f"{b} Δ [95%] McNemar p" for b in benches) + " |\n")
+        out.write("|---|---|---|---|---|---|" + "---|" * len(benches) + "\n")
+        for method, entry in setting["methods"].items():
+            if method == "base":
+                continue
+            for p in entry["points"]:
+                ret = p.get("retention", {})
+                kl = p.get("kl_to_base")
+                bpb = p.get("bpb_delta")
+                out.write(
+                    f"| {method} | {_knob(p['knob'])} | {_pct(p.get('win_rate'))} | {'—' if kl is None else f'{kl:.3f}'} | "
+                    f"{'—' if bpb is None else f'{bpb:+.4f}'} | {_pct(p.get('pref_accuracy'))} | " + " | ".join(_delta(ret.get(b)) for b in benches) + " |\n"
+                )
+        pairs = matched(setting)
+        if pairs:
+            out.write(f"\n**At matched alignment** (each method's point closest to `{REFERENCE}`'s win rate):\n\n")
+            out.write("| method | knob | win rate | mean retention Δ | " + " | ".join(f"{b} Δ" for b in benches) + " |\n")
+            out.write("|---|---|---|---|" + "---|" * len(benches) + "\n")
+            for method, p in pairs.items():
+                mean = retention_delta(p, benches)
+                out.write(
+                    f"| {method} | {_knob(p['knob'])} | {_pct(p['win_rate'])} | {'—' if mean is None else f'{100 * mean:+.2f}'} | "
+                    + " | ".join(_delta(p.get("retention", {}).get(b)) for b in benches) + " |\n"
+                )
+        out.write("\n")
+    return out.getvalue()
+
+
+def plot(setting: dict[str, Any], path: Path, title: str) -> None:
+    """Two panels: mean retention Δ vs judged win rate (one curve per method across its knob, with the
+    mean's 95% interval as error bars), and KL to base vs win rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = setting.get("benchmarks", [])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for method, entry in setting["methods"].items():
+        points = sorted((p for p in entry["points"] if p.get("win_rate") is not None), key=lambda p: p["win_rate"])
+        if not points or method == "base":
+            continue
+        xs = [100 * p["win_rate"] for p in points]
+        ys = [retention_delta(p, benches) for p in points]
+        if all(y is not None for y in ys):
+            # half-width of the mean's 95% interval, the benchmarks' items being independent: sqrt(Σ hᵢ²) / k
+            errors = [100 * sum(((p["retention"][b]["delta_ci"][1] - p["retention"][b]["delta_ci"][0]) / 2) ** 2 for b in benches) ** 0.5 / len(benches) for p in points]
+            left.errorbar(xs, [100 * y for y in ys], yerr=errors, marker="o", capsize=3, label=method)
+        kls = [p.get("kl_to_base") for p in points]
+        if all(k is not None for k in kls):
+            right.plot(xs, kls, marker="o", label=method)
+    left.axhline(0, color="grey", lw=0.8)
+    left.set(xlabel="judged win rate vs base (%)", ylabel="mean retention Δ vs base (points)", title=f"{title}: retention vs alignment")
+    right.set(xlabel="judged win rate vs base (%)", ylabel="KL(π ‖ base) per token", yscale="log", title=f"{title}: KL vs alignment")
+    for ax in (left, right):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
