@@ -76,3 +76,23 @@ def test_per_pair_margins_come_back_in_input_order(tiny_model_dir, tmp_path):
     singles = [evaluate_preferences_at(qmodel, [p], [(None, None)])[0].margin_mean for p in pairs]
     assert whole.margins == pytest.approx(singles, abs=1e-4)
     assert whole.margin_mean == pytest.approx(sum(singles) / len(singles), abs=1e-4) and "margins" in whole.to_dict()
+
+
+def test_cli_records_both_precisions(tiny_model_dir, tmp_path):
+    """`--mixed-precision` sets training, `--eval-precision` every score; metrics.json records both."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from qadapter.cli import app
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in marker_records(8)) + "\n")
+    for train_p, eval_p, recorded in (("no", "no", ("float32", "float32")), ("bf16", "bf16", ("bf16", "bf16"))):
+        out = tmp_path / f"run-{train_p}"
+        args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--max-steps", "1", "--batch-size", "2",
+                "--micro-batch-size", "2", "--mixed-precision", train_p, "--eval-precision", eval_p, "--no-progress"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert (metrics["precision"], metrics["eval_precision"]) == recorded

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from .config import ADAPTER_NAME, DecodeConfig, QAdapterConfig
-from .data import data_file, default_data_dir
+from .data import data_file, default_data_dir, first_prompts
 from .errors import ConfigError, QAdapterError
 
 app = typer.Typer(
@@ -128,7 +128,7 @@ def _split_data(
     if report.skipped:
         console.print(f"skipped {len(report.skipped)} record(s), e.g. {report.skipped[0]}")
     train_records, held_out = split_by_prompt(report.records, eval_fraction, seed=config.seed)
-    split = _Split(data, prefer, train_records, held_out, _limit(train_records, max_train_pairs), _limit(held_out, max_eval_pairs))
+    split = _Split(data, prefer, train_records, held_out, first_prompts(train_records, max_train_pairs), first_prompts(held_out, max_eval_pairs))
     console.print(f"data: {data} ({len(report.records)} pairs) → {len(split.train_slice)} train / {len(split.eval_slice)} held-out pairs")
     return split
 
@@ -426,19 +426,6 @@ def _relaunch(num_processes: int) -> int:
             args.append(arg)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes)]
     return subprocess.call([*launcher, "-m", "qadapter", *args])
-
-
-def _limit(records: list, max_pairs: int | None) -> list:
-    """The first whole prompts whose pairs fit in ``max_pairs`` (at least one prompt)."""
-    if max_pairs is None or len(records) <= max_pairs:
-        return records
-    kept, seen = [], set()
-    for record in records:
-        if record.prompt_key not in seen and len(kept) >= max_pairs:
-            break
-        seen.add(record.prompt_key)
-        kept.append(record)
-    return kept
 
 
 def _adapter_path(path: Path) -> Path:

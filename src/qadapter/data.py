@@ -433,6 +433,21 @@ def split_by_prompt(
     return train, held_out
 
 
+def first_prompts(records: list[PreferenceRecord], max_pairs: int | None) -> list[PreferenceRecord]:
+    """The first whole prompts whose pairs fit in ``max_pairs`` (at least one prompt): a slice that
+    never cuts a prompt's pairs apart."""
+    if max_pairs is None or len(records) <= max_pairs:
+        return records
+    kept: list[PreferenceRecord] = []
+    seen: set[str] = set()
+    for record in records:
+        if record.prompt_key not in seen and len(kept) >= max_pairs:
+            break
+        seen.add(record.prompt_key)
+        kept.append(record)
+    return kept
+
+
 BUNDLED_DATA = Path(__file__).with_name("bundled_data")  # the data the default commands read, shipped with the package
 COMPRESSED = (".gz", ".bz2")
 
