@@ -27,7 +27,7 @@ from qadapter.cli import app as cli_app  # noqa: E402
 from qadapter.config import ServeLimits  # noqa: E402
 from qadapter.errors import ConfigError  # noqa: E402
 from qadapter.model import QAdapterModel  # noqa: E402
-from qadapter.serve import StopMatcher, check_bind, create_app, server_config  # noqa: E402
+from qadapter.serve import MAX_CHARS_PER_TOKEN, StopMatcher, check_bind, create_app, server_config  # noqa: E402
 
 from conftest import random_adapter  # noqa: E402
 
@@ -137,6 +137,17 @@ def test_body_at_the_limit_is_read_and_an_over_long_prompt_refused(port):
     assert data["error"]["code"] == "context_length_exceeded"
 
 
+def test_prompt_too_long_in_characters_is_refused_before_tokenizing(port):
+    """A prompt of more characters than the context holds at MAX_CHARS_PER_TOKEN each is refused, even one that
+    would be few tokens (one unknown word: a single token here), so tokenizing work follows the context."""
+    word = "x" * (256 * MAX_CHARS_PER_TOKEN + 1)  # the tiny model holds 256 tokens
+    for path, body in (("/v1/chat/completions", dict(CHAT, messages=[{"role": "user", "content": word}])),
+                       ("/v1/completions", {"model": "a", "prompt": word, "max_tokens": 4})):
+        status, data = _post(port, json.dumps(body).encode(), path=path)
+        _assert_openai_error(status, data, 400, "messages" if "messages" in body else "prompt")
+        assert data["error"]["code"] == "context_length_exceeded" and "characters" in data["error"]["message"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Read timeouts (raw sockets)
 
@@ -182,6 +193,16 @@ def test_trickled_head_is_closed_at_the_deadline(port):
             if len(closed) == 2 or time.monotonic() - started > LIMITS.read_timeout + SLACK_S:
                 break
         assert closed == {fresh, reused}
+
+
+def test_oversize_head_is_refused(port):
+    """A head still incomplete past h11's 16 KiB gets 400 and the connection closes, long before the read timeout."""
+    with _connect(port) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ")
+        for _ in range(17):  # 1 KiB at a time, so that each arrives on its own
+            sock.sendall(b"y" * 1024)
+            time.sleep(0.02)
+        assert _until_closed(sock).startswith(b"HTTP/1.1 400")
 
 
 def test_stalled_body_gets_408(port):

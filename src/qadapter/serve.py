@@ -24,6 +24,7 @@ unless the caller insists (:func:`check_bind`).
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import ipaddress
 import itertools
@@ -63,6 +64,10 @@ log = logging.getLogger("qadapter.serve")
 DEFAULT_MAX_TOKENS = 256  # when a request names none (capped by the room its prompt leaves)
 DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
 MAX_STOPS = 4  # as OpenAI
+# A prompt longer than this many characters per token of the context is refused before it is tokenized: natural text
+# has about 4, and tokenizing costs about a second per MB, so the tokenizer's work per request follows the context,
+# not the body limit.
+MAX_CHARS_PER_TOKEN = 32
 # Bounds that keep every logit finite (float32 and bfloat16 overflow near 3e38): |Σ w_i·Q_i + α₀ log π₁| / (α̃ · temperature)
 # stays many orders of magnitude below that.
 DIAL_RANGE = (1e-3, 1e3)  # alpha_0, alpha_tilde
@@ -262,7 +267,6 @@ class Scheduler:
         self.qmodel = qmodel
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.eos = eos_ids(qmodel)
-        self.tokenizer_lock = threading.Lock()  # the fast tokenizer is shared with the event loop's encoding
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []  # in the batch, in its order; touched by the worker only
         self.left: Counter[str] = Counter()  # jobs that left the batch, by why: "stop", "length", "cancelled"
@@ -354,8 +358,7 @@ class Scheduler:
             text, finish = job.stop.flush(), "stop"
         else:
             job.tokens.append(token)
-            with self.tokenizer_lock:
-                piece = job.decode_next(self.qmodel.tokenizer)
+            piece = job.decode_next(self.qmodel.tokenizer)  # the worker's own: prompts are encoded with copies
             text, stopped = job.stop.feed(piece)
             finish = "stop" if stopped else "length" if len(job.tokens) >= job.max_tokens else None
             if finish == "length":
@@ -641,19 +644,32 @@ def create_app(
             raise APIError(404, f"model {model_id!r} does not exist", param="model", code="model_not_found")
         return describe(model_id)
 
+    # Each encoding thread has its own copy of the tokenizer, so a long prompt (up to the body limit: seconds of
+    # tokenizing) holds up neither the worker's decoding nor other prompts, and no tokenizer is shared across threads.
+    encoders = threading.local()
+
     def encode(prompt: Any, chat: bool) -> list[int]:
-        with scheduler.tokenizer_lock:
-            try:
-                return token_rows(qmodel.tokenizer, [prompt], chat)[0]
-            except Exception as exc:  # e.g. a chat template that refuses this sequence of roles
-                raise APIError(400, f"cannot render the prompt: {exc}", param="messages" if chat else "prompt") from None
+        if not hasattr(encoders, "tokenizer"):
+            encoders.tokenizer = copy.deepcopy(qmodel.tokenizer)
+        try:
+            return token_rows(encoders.tokenizer, [prompt], chat)[0]
+        except Exception as exc:  # e.g. a chat template that refuses this sequence of roles
+            raise APIError(400, f"cannot render the prompt: {exc}", param="messages" if chat else "prompt") from None
 
     async def respond(request: Request, body: _Body, prompt: Any, chat: bool, max_tokens: int | None) -> Any:
         policy = request_mixture(qmodel, body)
         stops = body.checked_stops(limits.max_stop_chars)
+        where = "messages" if chat else "prompt"
+        chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
+        if chars > window * MAX_CHARS_PER_TOKEN:  # cannot fit: refused without spending seconds tokenizing it
+            raise APIError(
+                400,
+                f"the prompt has {chars} characters; this model holds {window} tokens, at most {window * MAX_CHARS_PER_TOKEN} characters",
+                param=where,
+                code="context_length_exceeded",
+            )
         ids = await asyncio.to_thread(encode, prompt, chat)
         room = window - len(ids)
-        where = "messages" if chat else "prompt"
         if not ids:
             raise APIError(400, "the prompt is empty", param=where)
         if room < 1:
