@@ -28,10 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
 from bench import REPO, build_tiny, machine, write_atomic
@@ -99,14 +100,17 @@ def wait_until_up(url: str, proc: subprocess.Popen | None, timeout: float) -> No
         try:
             with urllib.request.urlopen(f"{url}/models", timeout=5):
                 return
+        except urllib.error.HTTPError:  # an answer, e.g. 401 from a server with an API key: it is up
+            return
         except OSError:
             time.sleep(0.5)
     raise SystemExit(f"no server answered at {url} within {timeout:.0f} s")
 
 
 @contextmanager
-def started_server(args: argparse.Namespace, tmp: Path) -> Iterator[str]:
-    """`qadapter serve` in a subprocess on a free loopback port; stopped (SIGTERM, then SIGKILL) on exit."""
+def started_server(args: argparse.Namespace, tmp: Path, extra: Sequence[str] = (), env: Mapping[str, str] = {}) -> Iterator[str]:
+    """`qadapter serve` in a subprocess on a free loopback port, with ``extra`` options and ``env`` variables;
+    stopped (SIGTERM, then SIGKILL) on exit."""
     if args.model == "tiny":
         source = tmp / "tiny-model"
         build_tiny(source)
@@ -116,10 +120,10 @@ def started_server(args: argparse.Namespace, tmp: Path) -> Iterator[str]:
     adapter = args.adapter or fresh_adapter(source, tmp / "adapter")
     port = free_port()
     command = [sys.executable, "-m", "qadapter", "serve", "--adapter", str(adapter), "--model", source, "--port", str(port),
-               "--max-batch-size", str(args.max_batch_size)]
+               "--max-batch-size", str(args.max_batch_size), *extra]
     log_path = tmp / "server.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ, TOKENIZERS_PARALLELISM="false", **env))
     url = f"http://127.0.0.1:{port}/v1"
     try:
         wait_until_up(url, proc, args.startup_timeout)

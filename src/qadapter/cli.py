@@ -19,7 +19,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from .config import ADAPTER_NAME, DecodeConfig, QAdapterConfig
+from .config import ADAPTER_NAME, DecodeConfig, QAdapterConfig, ServeLimits
 from .data import data_file, default_data_dir, first_prompts
 from .errors import ConfigError, QAdapterError
 
@@ -500,23 +500,33 @@ def generate(
 
 
 @app.command(rich_help_panel="Use")
+@config_options(ServeLimits, "Limits")
 def serve(
     adapter: AdapterOption,
-    host: Annotated[str, typer.Option(help="Address to listen on; the default answers this machine only.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on; the default answers this machine only. Any other needs --api-key or --insecure.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(envvar="QADAPTER_API_KEY", help="Require 'Authorization: Bearer KEY' on every request. Prefer the variable: a command line is visible to other local users."),
+    ] = None,
+    insecure: Annotated[bool, typer.Option(help="Serve a non-loopback --host without an API key.")] = False,
     model: ModelOption = None,
     allow_base_mismatch: MismatchOption = False,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests decoded together at most; later ones wait in a first-come queue.")] = 32,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests allowed to wait; more are answered 429.")] = 256,
+    **options: Any,
 ) -> None:
     """Serve the customized policy over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     try:
+        from .serve import check_bind
         from .serve import serve as run_server
     except ImportError as exc:  # fastapi and uvicorn come with the `serve` extra
         raise QAdapterError(f"qadapter serve needs the serve extra: pip install 'qadapter[serve]' ({exc})") from None
 
+    limits = pick(ServeLimits, options)
+    check_bind(host, api_key, insecure)  # before the model loads
     qmodel = _load_adapters(adapter, model, allow_base_mismatch)
-    run_server(qmodel, host=host, port=port, max_batch_size=max_batch_size, max_queue=max_queue)
+    run_server(qmodel, host=host, port=port, max_batch_size=max_batch_size, max_queue=max_queue, limits=limits, api_key=api_key, insecure=insecure)
 
 
 @app.command(rich_help_panel="Use")

@@ -1,4 +1,4 @@
-"""Configuration: one dataclass for training a Q-Adapter, one for decoding with it.
+"""Configuration: one dataclass for training a Q-Adapter, one for decoding with it, one for the server's limits.
 
 Every field carries its help text (the single source for the CLI and the docs), its valid
 range, and its paper symbol where it has one (arXiv 2407.03856). ``__post_init__`` rejects
@@ -203,6 +203,27 @@ class DecodeConfig:
         for adapter, weight in (self.weights or {}).items():
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
                 raise ConfigError(f"weights: the weight of adapter {adapter!r} must be a finite number, got {weight!r}")
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one client may ask of `qadapter serve` (see SECURITY.md, "Server")."""
+
+    max_request_bytes: int = field(
+        default=4 * 2**20, metadata=_help("Largest request body in bytes; larger ones are answered 413 before they are read.")
+    )
+    read_timeout: float = field(
+        default=30.0,
+        metadata=_help("Seconds a client has to send a request's headers, and again its body; then the connection is closed (408 for a body)."),
+    )
+    max_stop_chars: int = field(default=256, metadata=_help("Longest `stop` string in characters; longer ones are answered 400."))
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_stop_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.read_timeout > 0 and math.isfinite(self.read_timeout)):
+            raise ConfigError(f"read_timeout must be a finite number of seconds > 0, got {self.read_timeout}")
 
 
 def field_help(config_cls: type, name: str) -> str:

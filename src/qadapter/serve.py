@@ -13,11 +13,20 @@ One worker thread owns the model (:class:`Scheduler`) and decodes all running re
 row unless the base logits cancel, to ONE forward per step. Finished and disconnected requests leave
 between steps; waiting requests join between steps, oldest first. The event loop only validates,
 queues and streams, so it stays responsive while the worker computes.
+
+Every client is bounded (:class:`~qadapter.config.ServeLimits`, SECURITY.md): the body's size and
+the time to send the head and the body, the number and length of stop strings (matched in time
+linear in the text, :class:`StopMatcher`), every numeric field, and the prompt by the context. With
+``api_key`` every request needs ``Authorization: Bearer KEY``; without one, only loopback is served
+unless the caller insists (:func:`check_bind`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -25,21 +34,28 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
+import h11
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .collate import pad_rows
-from .config import DecodeConfig
+from .config import DecodeConfig, ServeLimits
 from .decode import DecodeBatch, Mixture, eos_ids, mixture, token_rows
 from .errors import ConfigError
 from .sampling import sample_next
@@ -47,10 +63,26 @@ from .sampling import sample_next
 log = logging.getLogger("qadapter.serve")
 DEFAULT_MAX_TOKENS = 256  # when a request names none (capped by the room its prompt leaves)
 DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
+MAX_STOPS = 4  # as OpenAI
+# A prompt longer than this many characters per token of the context is refused before it is tokenized: natural text
+# has about 4, and tokenizing costs about a second per MB, so the tokenizer's work per request follows the context,
+# not the body limit.
+MAX_CHARS_PER_TOKEN = 32
+# Bounds that keep every logit finite (float32 and bfloat16 overflow near 3e38): |Σ w_i·Q_i + α₀ log π₁| / (α̃ · temperature)
+# stays many orders of magnitude below that.
+DIAL_RANGE = (1e-3, 1e3)  # alpha_0, alpha_tilde
+MAX_WEIGHT = 1e3  # |adapter_weights|
+MIN_TEMPERATURE = 1e-2  # besides 0 (greedy)
 
 
 # ---------------------------------------------------------------------------------------------
 # Requests
+
+
+def _greedy_or_sampled(temperature: float) -> float:
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+    return temperature
 
 
 class _Body(BaseModel):
@@ -60,19 +92,26 @@ class _Body(BaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(_greedy_or_sampled)] = 1.0
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: str | list[str] | None = None  # count and length: checked_stops
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
-    alpha_0: float | None = Field(default=None, gt=0.0)
-    alpha_tilde: float | None = Field(default=None, gt=0.0)
-    adapter_weights: dict[str, float] | None = None
+    alpha_0: float | None = Field(default=None, ge=DIAL_RANGE[0], le=DIAL_RANGE[1])
+    alpha_tilde: float | None = Field(default=None, ge=DIAL_RANGE[0], le=DIAL_RANGE[1])
+    adapter_weights: dict[str, Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT)]] | None = None
     min_tokens: int = Field(default=0, ge=0)
 
-    def stops(self) -> tuple[str, ...]:
-        return tuple(s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s)
+    def checked_stops(self, max_chars: int) -> tuple[str, ...]:
+        """The non-empty stop strings; at most MAX_STOPS of at most ``max_chars`` characters each."""
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOPS:
+            raise APIError(400, f"stop: at most {MAX_STOPS} stop sequences, got {len(stops)}", param="stop")
+        longest = max(map(len, stops), default=0)
+        if longest > max_chars:
+            raise APIError(400, f"stop: a stop sequence has at most {max_chars} characters, got one of {longest}", param="stop")
+        return tuple(s for s in stops if s)
 
 
 class _TextPart(BaseModel):
@@ -134,12 +173,10 @@ class Job:
     sampling: tuple[float, float]  # (temperature, top_p)
     max_tokens: int
     min_tokens: int
-    stops: tuple[str, ...]
+    stop: StopMatcher
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     tokens: list[int] = field(default_factory=list)  # generated, EOS excluded
-    text: str = ""  # decoded so far, cut at a stop sequence
-    sent: int = 0  # characters of `text` already published
     window: tuple[int, int] = (0, 0)  # incremental detokenization: (prefix, read) offsets into `tokens`
     cancelled: bool = False  # set from the event loop when the client goes away
 
@@ -161,9 +198,61 @@ class Job:
         return ""
 
 
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of ``text`` that could begin a stop sequence: kept until the next token decides."""
-    return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+def _borders(pattern: str) -> list[int]:
+    """KMP's failure function: ``borders[i]`` is the length of the longest proper prefix of
+    ``pattern[: i + 1]`` that is also a suffix of it. O(len(pattern))."""
+    borders = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = borders[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        borders[i] = k
+    return borders
+
+
+class StopMatcher:
+    """Finds the first stop string in text that arrives in pieces, in time linear in the text.
+
+    One KMP automaton per stop string; its state, the longest prefix of that stop string that ends
+    the text so far, carries over between pieces, so a character costs amortized O(1) per stop
+    string however long the text or the stop strings. Only the end of the text that may still begin
+    a stop string (fewer than max(len(stop)) characters) is held back; the rest is released.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [stop for stop in stops if stop]
+        self.borders = [_borders(stop) for stop in self.stops]
+        self.state = [0] * len(self.stops)
+        self.held = ""  # the end of the text that may begin a stop string
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Append ``piece``; returns the text now certain (ending before the earliest-starting stop
+        string, if one has appeared) and whether one has."""
+        text = self.held + piece
+        cut: int | None = None
+        for i, (stop, borders) in enumerate(zip(self.stops, self.borders)):
+            k = self.state[i]
+            for end, char in enumerate(piece, len(self.held) + 1):
+                while k and stop[k] != char:
+                    k = borders[k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(stop):  # its first occurrence, so its earliest start
+                    cut = end - k if cut is None else min(cut, end - k)
+                    break
+            self.state[i] = k
+        if cut is not None:
+            return text[:cut], True
+        keep = len(text) - max(self.state, default=0)
+        self.held = text[keep:]
+        return text[:keep], False
+
+    def flush(self) -> str:
+        """The held-back text, once the text has ended without a stop string."""
+        held, self.held = self.held, ""
+        return held
 
 
 class Scheduler:
@@ -178,7 +267,6 @@ class Scheduler:
         self.qmodel = qmodel
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.eos = eos_ids(qmodel)
-        self.tokenizer_lock = threading.Lock()  # the fast tokenizer is shared with the event loop's encoding
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []  # in the batch, in its order; touched by the worker only
         self.left: Counter[str] = Counter()  # jobs that left the batch, by why: "stop", "length", "cancelled"
@@ -266,24 +354,166 @@ class Scheduler:
         """Take one sampled token and publish the text it completes; returns why the job leaves, if it does."""
         if job.cancelled:
             return "cancelled"
-        finish = None
         if token in self.eos:
-            finish = "stop"
+            text, finish = job.stop.flush(), "stop"
         else:
             job.tokens.append(token)
-            with self.tokenizer_lock:
-                job.text += job.decode_next(self.qmodel.tokenizer)
-            # published text never ends in the start of a stop sequence, so one can only begin after it
-            cut = min((i for i in (job.text.find(stop, job.sent) for stop in job.stops) if i >= 0), default=-1)
-            if cut >= 0:
-                job.text, finish = job.text[:cut], "stop"
-            elif len(job.tokens) >= job.max_tokens:
-                finish = "length"
-        ready = len(job.text) - (0 if finish else _held_back(job.text, job.stops))
-        if ready > job.sent or finish:
-            job.publish(Event(job.text[job.sent : ready], finish))
-            job.sent = ready
+            piece = job.decode_next(self.qmodel.tokenizer)  # the worker's own: prompts are encoded with copies
+            text, stopped = job.stop.feed(piece)
+            finish = "stop" if stopped else "length" if len(job.tokens) >= job.max_tokens else None
+            if finish == "length":
+                text += job.stop.flush()
+        if text or finish:
+            job.publish(Event(text, finish))
         return finish
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits and access, enforced before a request reaches its route
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body exceeds this server's limit of {limit} bytes"
+
+
+class BodyLimits:
+    """ASGI middleware that bounds each request body in size and in time before anything parses it.
+
+    A declared Content-Length over ``max_bytes`` is answered 413 without reading the body; a body
+    without one (chunked) is counted as it arrives; the whole body must arrive within ``timeout``
+    seconds of its request head, else 408. A response that starts before the body is in (these, a
+    401, a 404) closes the connection, so what is left of the body is never read. (FastAPI's own
+    ``max_body_size`` answers a declared oversize body in plain text, not with OpenAI's error body.)
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body = _LimitedBody(Headers(scope=scope), receive, send, self.max_bytes, self.timeout)
+        if body.declared > self.max_bytes:
+            await APIError(413, _too_large(self.max_bytes)).response()(scope, body.receive, body.send)
+        else:
+            await self.app(scope, body.receive, body.send)
+
+
+class _LimitedBody:
+    """One request's body under :class:`BodyLimits`: the ``receive`` and ``send`` its app gets."""
+
+    def __init__(self, headers: Headers, receive: Receive, send: Send, max_bytes: int, timeout: float) -> None:
+        declared = headers.get("content-length", "")
+        self.declared = int(declared) if declared.isdigit() else 0  # h11 has already refused malformed values
+        self.pending = self.declared > 0 or "transfer-encoding" in headers  # body bytes may still be on their way
+        self.received = 0
+        self.deadline = time.monotonic() + timeout
+        self._receive, self._send, self.max_bytes, self.timeout = receive, send, max_bytes, timeout
+
+    async def receive(self) -> Message:
+        """The next message; while the body is incomplete, 413 past ``max_bytes`` and 408 past the deadline (raised
+        as HTTPException, which FastAPI's body parsing passes on to the app's handler: OpenAI's error body)."""
+        if not self.pending:
+            return await self._receive()
+        try:
+            message = await asyncio.wait_for(self._receive(), self.deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"the request body did not arrive within {self.timeout:g} s") from None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.max_bytes:
+                raise HTTPException(413, _too_large(self.max_bytes))
+            self.pending = message.get("more_body", False)
+        else:  # http.disconnect
+            self.pending = False
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and self.pending:
+            # answered before the body is in: close the connection rather than let the server read the rest
+            message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        await self._send(message)
+
+
+class APIKey(AuthenticationBackend):
+    """Every request must carry ``Authorization: Bearer <key>``, compared in constant time."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key.encode()
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser]:
+        scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+        # Starlette decodes headers as latin-1, so encoding back gives the bytes the client sent
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), self.key):
+            raise AuthenticationError("missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+        return AuthCredentials(["authenticated"]), SimpleUser("client")
+
+
+def _unauthorized(conn: HTTPConnection, exc: AuthenticationError) -> JSONResponse:
+    response = APIError(401, str(exc), code="invalid_api_key").response()
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def header_deadline_protocol(timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline for every request head: ``timeout`` seconds from the
+    connection, or from the previous response, to the end of the headers; then the connection is
+    closed. uvicorn has no such limit (its keep-alive timer stops at the first byte), so a client
+    that trickles its headers, or sends none, would hold its connection for ever. (h11 bounds the
+    head's size, 16 KiB.) It extends the protocol's asyncio callbacks and uvicorn's
+    ``on_response_complete``, and reads only h11's connection state; served with ``http=`` of
+    ``uvicorn.Config``, uvicorn's documented way to choose the protocol class."""
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        head_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._await_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the head is in
+                self._cancel()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_head()  # of the next request on this connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel()
+            super().connection_lost(exc)
+
+        def _await_head(self) -> None:
+            if self.head_deadline is None and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.head_deadline = self.loop.call_later(timeout, self.transport.close)
+
+        def _cancel(self) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+                self.head_deadline = None
+
+    return HeaderDeadlineProtocol
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` answers this machine only; a name other than localhost may resolve anywhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None, insecure: bool) -> bool:
+    """Refuse to answer other machines without an API key unless ``insecure``; returns whether it will anyway."""
+    if api_key or is_loopback(host):
+        return False
+    if not insecure:
+        raise ConfigError(f"--host {host} answers other machines: give --api-key (or QADAPTER_API_KEY), or --insecure to serve without one")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,8 +590,11 @@ async def _events(job: Job, request: Request | None) -> AsyncIterator[Event]:
         job.cancelled = True
 
 
-def create_app(qmodel: Any, *, max_batch_size: int = 32, max_queue: int = 256) -> FastAPI:
-    """The FastAPI app serving ``qmodel`` (one adapter or a composition); its worker runs while the app does."""
+def create_app(
+    qmodel: Any, *, max_batch_size: int = 32, max_queue: int = 256, limits: ServeLimits = ServeLimits(), api_key: str | None = None
+) -> FastAPI:
+    """The FastAPI app serving ``qmodel`` (one adapter or a composition); its worker runs while the app does.
+    Serve it with :func:`server_config`, which adds the request-head deadline."""
     scheduler = Scheduler(qmodel, max_batch_size, max_queue)
     window = context_window(qmodel)
     created = int(time.time())
@@ -373,7 +606,10 @@ def create_app(qmodel: Any, *, max_batch_size: int = 32, max_queue: int = 256) -
         scheduler.stop()
 
     app = FastAPI(title="qadapter", lifespan=lifespan)
-    app.state.scheduler = scheduler
+    app.state.scheduler, app.state.limits = scheduler, limits
+    if api_key:  # before any body is read
+        app.add_middleware(AuthenticationMiddleware, backend=APIKey(api_key), on_error=_unauthorized)
+    app.add_middleware(BodyLimits, max_bytes=limits.max_request_bytes, timeout=limits.read_timeout)  # outermost: sees every response
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -408,18 +644,32 @@ def create_app(qmodel: Any, *, max_batch_size: int = 32, max_queue: int = 256) -
             raise APIError(404, f"model {model_id!r} does not exist", param="model", code="model_not_found")
         return describe(model_id)
 
+    # Each encoding thread has its own copy of the tokenizer, so a long prompt (up to the body limit: seconds of
+    # tokenizing) holds up neither the worker's decoding nor other prompts, and no tokenizer is shared across threads.
+    encoders = threading.local()
+
     def encode(prompt: Any, chat: bool) -> list[int]:
-        with scheduler.tokenizer_lock:
-            try:
-                return token_rows(qmodel.tokenizer, [prompt], chat)[0]
-            except Exception as exc:  # e.g. a chat template that refuses this sequence of roles
-                raise APIError(400, f"cannot render the prompt: {exc}", param="messages" if chat else "prompt") from None
+        if not hasattr(encoders, "tokenizer"):
+            encoders.tokenizer = copy.deepcopy(qmodel.tokenizer)
+        try:
+            return token_rows(encoders.tokenizer, [prompt], chat)[0]
+        except Exception as exc:  # e.g. a chat template that refuses this sequence of roles
+            raise APIError(400, f"cannot render the prompt: {exc}", param="messages" if chat else "prompt") from None
 
     async def respond(request: Request, body: _Body, prompt: Any, chat: bool, max_tokens: int | None) -> Any:
         policy = request_mixture(qmodel, body)
+        stops = body.checked_stops(limits.max_stop_chars)
+        where = "messages" if chat else "prompt"
+        chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
+        if chars > window * MAX_CHARS_PER_TOKEN:  # cannot fit: refused without spending seconds tokenizing it
+            raise APIError(
+                400,
+                f"the prompt has {chars} characters; this model holds {window} tokens, at most {window * MAX_CHARS_PER_TOKEN} characters",
+                param=where,
+                code="context_length_exceeded",
+            )
         ids = await asyncio.to_thread(encode, prompt, chat)
         room = window - len(ids)
-        where = "messages" if chat else "prompt"
         if not ids:
             raise APIError(400, "the prompt is empty", param=where)
         if room < 1:
@@ -434,7 +684,7 @@ def create_app(qmodel: Any, *, max_batch_size: int = 32, max_queue: int = 256) -
         max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, room)
         if body.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens ({body.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
-        job = Job(ids, policy, (body.temperature, body.top_p), max_tokens, body.min_tokens, body.stops(), asyncio.get_running_loop())
+        job = Job(ids, policy, (body.temperature, body.top_p), max_tokens, body.min_tokens, StopMatcher(stops), asyncio.get_running_loop())
         scheduler.submit(job)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:
@@ -482,6 +732,25 @@ async def _stream(job: Job, head: dict[str, Any], chat: bool, include_usage: boo
         job.cancelled = True  # a client gone mid-stream closes this generator: free the job's rows
 
 
-def serve(qmodel: Any, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32, max_queue: int = 256) -> None:
-    """Serve ``qmodel`` until interrupted; loopback only unless ``host`` says otherwise."""
-    uvicorn.run(create_app(qmodel, max_batch_size=max_batch_size, max_queue=max_queue), host=host, port=port)
+def server_config(app: FastAPI, **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for an app made by :func:`create_app`: its h11 protocol with the head deadline of the app's limits."""
+    return uvicorn.Config(app, http=header_deadline_protocol(app.state.limits.read_timeout), **options)
+
+
+def serve(
+    qmodel: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 32,
+    max_queue: int = 256,
+    limits: ServeLimits = ServeLimits(),
+    api_key: str | None = None,
+    insecure: bool = False,
+) -> None:
+    """Serve ``qmodel`` until interrupted: loopback only unless ``host`` says otherwise, and then only with
+    ``api_key`` or ``insecure``."""
+    if check_bind(host, api_key, insecure):
+        log.warning("WARNING: serving %s with no API key (--insecure): anyone who can reach it can use it", host)
+    app = create_app(qmodel, max_batch_size=max_batch_size, max_queue=max_queue, limits=limits, api_key=api_key)
+    uvicorn.Server(server_config(app, host=host, port=port)).run()
