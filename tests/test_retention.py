@@ -168,31 +168,33 @@ def test_mean_difference_of_floats():
         mean_difference([], [])
 
 
-def _count_forwards(qm):
+def _record_forwards(qm):
+    """(pass, rows) of every forward: 'base' when PEFT's adapter is disabled, else 'adapter'."""
     calls = []
-    handle = qm.peft_model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    layer = next(m for n, m in qm.peft_model.named_modules() if n.endswith("q_proj") and hasattr(m, "disable_adapters"))
+    handle = layer.register_forward_hook(lambda module, args, _: calls.append(("base" if module.disable_adapters else "adapter", args[0].shape[0])))
     return calls, handle
 
 
 @pytest.mark.parametrize("hidden_path", [True, False])
 def test_adapted_model_policies_skip_the_base_pass(qmodel, hidden_path):
-    """Residual Q at α₀ = α̃ = 1 is the adapted model: one forward per batch instead of two, and the
-    same log-likelihoods as the two-pass path; the base alone also takes one pass."""
+    """Residual Q at α₀ = α̃ = 1 is the adapted model: only the adapter pass runs, with the same
+    log-likelihoods as when both run; the base alone runs only the base pass; any other (α₀, α̃) both."""
     qmodel.hidden_path = hidden_path
     _perturb(qmodel)
     adapted = [PolicySpec("sft", 1.0, 1.0), PolicySpec("own", None, None)]  # the config's own dial is (1, 1)
-    calls, handle = _count_forwards(qmodel)
+    calls, handle = _record_forwards(qmodel)
     one = choice_logliks(qmodel, ITEMS, adapted, batch_size=2)
-    assert len(calls) == 3  # 5 rows in batches of 2
+    assert {name for name, _ in calls} == {"adapter"}
     calls.clear()
     both = choice_logliks(qmodel, ITEMS, [PolicySpec("base", base=True), *adapted], batch_size=2)
-    assert len(calls) == 6
+    assert {name for name, _ in calls} == {"base", "adapter"}
     calls.clear()
     base = choice_logliks(qmodel, ITEMS, [PolicySpec("base", base=True)], batch_size=2)
-    assert len(calls) == 3
+    assert {name for name, _ in calls} == {"base"}
     calls.clear()
     choice_logliks(qmodel, ITEMS, [PolicySpec("dial", 2.0, 2.0)], batch_size=2)
-    assert len(calls) == 6  # another (α₀, α̃) needs both passes
+    assert {name for name, _ in calls} == {"base", "adapter"}
     handle.remove()
     for name in ("sft", "own"):
         for a, b in zip(one[name], both[name]):
@@ -205,10 +207,44 @@ def test_adapted_model_policies_skip_the_base_pass(qmodel, hidden_path):
 def test_raw_q_at_unit_alphas_still_needs_the_base(tiny_model_dir):
     """Raw Q at α₀ = α̃ = 1 is adapted logits + log π₁, not the adapted model: both passes run."""
     qm = QAdapterModel.create(load_base(str(tiny_model_dir), device="cpu"), QAdapterConfig(q_form="raw", lora_dropout=0.0))
-    calls, handle = _count_forwards(qm)
+    calls, handle = _record_forwards(qm)
     choice_logliks(qm, ITEMS, [PolicySpec("q", 1.0, 1.0)], batch_size=8)
     handle.remove()
-    assert len(calls) == 2
+    assert {name for name, _ in calls} == {"base", "adapter"}
+
+
+SHARED_ITEMS = [
+    ChoiceItem("s/0", "tell me about the big red cat and the small blue dog", (" good", " very bad indeed", " red"), 0),
+    ChoiceItem("s/1", "what is it", (" big dog", " small", " it is the cat on the mat", " no"), 1),
+    ChoiceItem("s/2", "why", (" so", " because the dog ran fast"), 0),
+]
+
+
+@pytest.mark.parametrize("hidden_path", [True, False])
+def test_shared_contexts_equal_scoring_each_option_whole(qmodel, hidden_path):
+    """Each context runs once per pass (one row per item, then one per option, reusing its KV cache),
+    and every policy's log-likelihoods equal those of each context + option scored as one sequence,
+    to float32 tolerance — contexts and options of different lengths, so padding on both sides."""
+    qmodel.hidden_path = hidden_path
+    _perturb(qmodel)
+    policies = [PolicySpec("base", base=True), PolicySpec("q", 0.5, 1.5), PolicySpec("adapted", 1.0, 1.0)]
+    calls, handle = _record_forwards(qmodel)
+    shared = choice_logliks(qmodel, SHARED_ITEMS, policies, batch_size=16)
+    handle.remove()
+    assert calls == [("base", 3), ("base", 9), ("adapter", 3), ("adapter", 9)]
+    tok = qmodel.tokenizer
+    for i, item in enumerate(SHARED_ITEMS):
+        ctx = tok(item.context, add_special_tokens=False)["input_ids"]
+        for j, choice in enumerate(item.choices):
+            cont = tok(choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([ctx + cont])
+            completion = torch.tensor([[0] * len(ctx) + [1] * len(cont)])
+            with torch.no_grad():
+                passes = qmodel.passes(ids, torch.ones_like(ids))
+                for policy in policies:
+                    terms = passes.terms(completion, policy.alpha_0, policy.alpha_tilde)
+                    whole = ((terms.base_logp if policy.base else terms.policy_logp) * terms.action_mask).sum().item()
+                    assert shared[policy.name][i][j] == pytest.approx(whole, abs=2e-5), (policy.name, i, j)
 
 
 def _direct_bits(qm, prompt, response, logits_of):

@@ -19,7 +19,7 @@ from typing import Any, TypedDict
 
 import torch
 
-from ..collate import pad_rows
+from ..collate import pad_rows, pad_shared
 from ..config import DecodeConfig
 from ..hardware import EVAL_PRECISION, MixedPrecision, autocast
 from .benchmarks import ChoiceItem, GenerationItem, final_number
@@ -41,10 +41,14 @@ def _encode(tokenizer: Any, context: str, continuation: str) -> tuple[list[int],
     return tokenizer(context, add_special_tokens=False)["input_ids"], tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
 
-def _row(tokenizer: Any, context: str, continuation: str, max_length: int) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) fitting ``max_length``: the context loses tokens from the left."""
-    ctx, cont = _encode(tokenizer, context, continuation)
-    return ctx[max(0, len(ctx) + len(cont) - max_length) :], cont
+def _group(tokenizer: Any, context: str, continuations: Sequence[str], max_length: int) -> tuple[list[int], list[list[int]]]:
+    """A context's ids and its continuations' ids, tokenized apart (as :func:`_encode`). An over-long
+    context loses tokens from the left, the longest continuation fitting whole, but keeps at least one
+    (the state the first continuation token is scored from)."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    keep = max(1, max_length - max(map(len, conts)))
+    return ctx[max(0, len(ctx) - keep) :], conts
 
 
 def _is_adapted_model(qmodel: Any, policy: PolicySpec) -> bool:
@@ -59,16 +63,19 @@ def _is_adapted_model(qmodel: Any, policy: PolicySpec) -> bool:
 @torch.no_grad()
 def _response_logliks(
     qmodel: Any,
-    rows: Sequence[tuple[list[int], list[int]]],
+    groups: Sequence[tuple[list[int], list[list[int]]]],
     policies: Sequence[PolicySpec],
     *,
     batch_size: int,
     precision: MixedPrecision,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Σ_t log π(y_t | x, y_<t) of each (prompt ids x, response ids y) row, per policy, from as few
-    forward passes as the policies need: the base pass alone when every policy is the base, the
-    adapter pass alone when every policy is the adapted model (:func:`_is_adapted_model`), else both."""
+    """Σ_t log π(y_t | x, y_<t) of each continuation y of each (context x, [y, …]) group, in order, per
+    policy. Each context is run once per pass, its KV cache shared by its continuations
+    (:class:`~qadapter.collate.SharedContexts`); a batch holds whole groups, about ``batch_size``
+    continuations. As few passes run as the policies need: the base's alone when every policy is
+    the base, the adapter's alone when every policy is the adapted model (:func:`_is_adapted_model`),
+    else both. ``on_batch(n)`` reports progress in continuations."""
     single: bool | None = None  # the one pass that serves every policy (True: the adapter's), if there is one
     if all(_is_adapted_model(qmodel, p) for p in policies):
         single = True
@@ -78,21 +85,27 @@ def _response_logliks(
     device = qmodel.device
     was_training = qmodel.training
     qmodel.set_training(False)
-    for start in range(0, len(rows), batch_size):
-        ids, attention, completion = (t.to(device) for t in pad_rows(list(rows[start : start + batch_size]), qmodel.tokenizer.pad_token_id))
+    start = 0
+    while start < len(groups):
+        end, rows = start, 0
+        while end < len(groups) and (end == start or rows + len(groups[end][1]) <= batch_size):
+            rows += len(groups[end][1])
+            end += 1
+        shared = pad_shared(groups[start:end], qmodel.tokenizer.pad_token_id).to(device)
         with autocast(device, precision):
             if single is not None:
-                logp = qmodel.token_logprobs(ids, attention, completion, adapter=single).sum(-1).cpu().tolist()
+                logp = qmodel.token_logprobs(shared, adapter=single).sum(-1).cpu().tolist()
                 for policy in policies:
                     scores[policy.name].extend(logp)
             else:
-                passes = qmodel.passes(ids, attention)
+                passes = qmodel.shared_passes(shared)
                 for policy in policies:
-                    terms = passes.terms(completion, policy.alpha_0, policy.alpha_tilde)
+                    terms = passes.terms(shared.completion_mask, policy.alpha_0, policy.alpha_tilde)
                     logp = terms.base_logp if policy.base else terms.policy_logp
                     scores[policy.name].extend((logp * terms.action_mask).sum(-1).float().cpu().tolist())
         if on_batch is not None:
-            on_batch(len(rows[start : start + batch_size]))
+            on_batch(rows)
+        start = end
     qmodel.set_training(was_training)
     return scores
 
@@ -109,24 +122,18 @@ def choice_logliks(
 ) -> dict[str, list[list[float]]]:
     """log P(choice | context) per policy, item and choice, summed over the choice's tokens.
 
-    Over-long contexts lose tokens from the left (the continuation is always scored whole). Only the
-    passes the policies need are run (the adapter's alone for SFT/DPO peers and other residual
-    adapters read at α₀ = α̃ = 1). ``on_batch(n)`` reports progress in scored sequences (one per item
-    and choice).
+    The item's context is run once per pass and shared by its choices (a KV-cache prefix); an
+    over-long context loses the same tokens from the left for every choice (each scored whole). Only the passes the
+    policies need are run (the adapter's alone for SFT/DPO peers and other residual adapters read at
+    α₀ = α̃ = 1). ``batch_size`` counts choices (whole items per batch); ``on_batch(n)`` reports
+    progress in scored choices.
     """
-    rows: list[tuple[list[int], list[int]]] = []
-    owner: list[int] = []  # item index of each row
-    for i, item in enumerate(items):
-        for choice in item.choices:
-            rows.append(_row(qmodel.tokenizer, item.context, choice, max_length))
-            owner.append(i)
-    scores = _response_logliks(qmodel, rows, policies, batch_size=batch_size, precision=precision, on_batch=on_batch)
+    groups = [_group(qmodel.tokenizer, item.context, item.choices, max_length) for item in items]
+    scores = _response_logliks(qmodel, groups, policies, batch_size=batch_size, precision=precision, on_batch=on_batch)
     out: dict[str, list[list[float]]] = {}
     for name, flat in scores.items():
-        per_item: list[list[float]] = [[] for _ in items]
-        for i, value in zip(owner, flat):
-            per_item[i].append(value)
-        out[name] = per_item
+        values = iter(flat)
+        out[name] = [[next(values) for _ in item.choices] for item in items]
     return out
 
 
@@ -223,11 +230,11 @@ def bits_per_byte(
     over-long prompt loses tokens from the left). The same forward passes serve every policy. Paired
     differences to the base: :func:`mean_difference` of the ``per_text`` lists.
     """
-    rows = [_row(qmodel.tokenizer, prompt, response, max_length) for prompt, response in texts]
-    if not rows or not all(cont for _, cont in rows):
+    groups = [_group(qmodel.tokenizer, prompt, [response], max_length) for prompt, response in texts]
+    if not groups or not all(cont for _, (cont,) in groups):
         raise ValueError("bits_per_byte needs texts, each with a response of at least one token")
     sizes = [len(response.encode("utf-8")) for _, response in texts]
-    scores = _response_logliks(qmodel, rows, policies, batch_size=batch_size, precision=precision)
+    scores = _response_logliks(qmodel, groups, policies, batch_size=batch_size, precision=precision)
     out: dict[str, BitsPerByte] = {}
     for name, logliks in scores.items():
         per_text = [-ll / (math.log(2) * size) for ll, size in zip(logliks, sizes)]
