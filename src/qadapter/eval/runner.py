@@ -26,9 +26,14 @@ from .benchmarks import DEFAULT_SIZES, ChoiceItem, load_benchmark
 from .judge import Judge, win_rate
 from .preference import evaluate_preferences_at
 from .report import retention_benchmarks, retention_mean
-from .retention import PolicySpec, choice_accuracy, choice_logliks, generation_correct, kl_to_base, paired_difference, wilson_interval
+from .retention import PolicySpec, choice_accuracy, choice_logliks, choice_picks, generation_correct, kl_to_base, paired_difference, wilson_interval
 
-PRIMARY_NORM = {"hellaswag", "piqa"}  # benchmarks whose headline metric is acc_norm (as lm-eval reports them)
+# Benchmarks whose headline metric is acc_norm (as lm-eval reports them); acc elsewhere (ARC-Easy and
+# ARC-Challenge, BoolQ, MMLU).
+PRIMARY_NORM = {"hellaswag", "piqa"}
+# In the key of every retention stage: 2 = picked options stored beside correctness, exact ties broken
+# at random per item (stages cached under 1 hold no picks and broke ties by the first option).
+RETENTION_VERSION = 2
 KL_SOURCE = "hh-rlhf/helpful-base/test.jsonl.gz"  # general conversations, unrelated to the new preference
 
 
@@ -115,9 +120,9 @@ def run_method(
                 task = bar.add(f"{method.name}: {bench}", sum(len(i.choices) for i in items))
                 logliks = choice_logliks(qmodel, items, method.policies, batch_size=plan.batch_size, precision=plan.precision, on_batch=lambda k: bar.advance(task, k))
                 bar.remove(task)
-                return {name: dict(zip(("acc", "acc_norm"), choice_accuracy(items, ll))) for name, ll in logliks.items()}
+                return {name: choice_record(items, ll) for name, ll in logliks.items()}
 
-            raw["retention"][bench] = cache.get(f"{method.name}/retention-{bench}", {**common, "n": n, "policies": specs}, score)
+            raw["retention"][bench] = cache.get(f"{method.name}/retention-{bench}", {**common, "n": n, "policies": specs, "version": RETENTION_VERSION}, score)
         else:
             for policy in (p for p in method.policies if p.name in method.solve):
                 raw["gsm8k"][policy.name] = cache.get(
@@ -151,6 +156,13 @@ def run_method(
     return raw
 
 
+def choice_record(items: Sequence[ChoiceItem], logliks: Sequence[Sequence[float]]) -> dict[str, list[int]]:
+    """One policy's cached retention result: the picked option per item (``pick``, ``pick_norm``) and
+    whether it is gold (``acc``, ``acc_norm``), under both conventions of :func:`choice_picks`."""
+    (acc, acc_norm), (pick, pick_norm) = choice_accuracy(items, logliks), choice_picks(items, logliks)
+    return {"acc": acc, "acc_norm": acc_norm, "pick": pick, "pick_norm": pick_norm}
+
+
 def respond(qmodel: Any, policy: PolicySpec, prompts: Sequence[Any], plan: EvalPlan, bar: Progress, label: str) -> list[str]:
     """Greedy answers of ``policy`` to the win-rate prompts (the chat template wraps them)."""
     from ..decode import generate
@@ -171,12 +183,12 @@ def metrics(name: str, raw: dict[str, Any], base_raw: dict[str, Any], judge: Jud
     out: dict[str, Any] = {"retention": {}, "retention_norm": {}, "retention_n": {}, "retention_diff": {}}
     for bench, per_policy in raw["retention"].items():
         mine, base = per_policy[name], base_raw["retention"][bench]["base"]
-        key = "acc_norm" if bench in PRIMARY_NORM else "acc"
+        key, pick = ("acc_norm", "pick_norm") if bench in PRIMARY_NORM else ("acc", "pick")
         out["retention"][bench] = sum(mine[key]) / len(mine[key])
         out["retention_norm"][bench] = sum(mine["acc_norm"]) / len(mine["acc_norm"])
         out["retention_n"][bench] = len(mine[key])
         if name != "base":
-            out["retention_diff"][bench] = vars(paired_difference(mine[key], base[key]))
+            out["retention_diff"][bench] = vars(paired_difference(mine[key], base[key], method_picks=mine[pick], base_picks=base[pick]))
     if name in raw["gsm8k"]:
         correct = raw["gsm8k"][name]
         out["retention"]["gsm8k"], out["retention_n"]["gsm8k"] = sum(correct) / len(correct), len(correct)
