@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -45,8 +46,7 @@ from .runner import EvalPlan, Method, StageCache, adapter_digest, digest, genera
 
 BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag")  # where a 135M model is above chance
 DEFAULT_SIZES = {"arc_easy": 1000, "arc_challenge": 1172, "piqa": 1000, "hellaswag": 1000}
-STAGES = ("retention", "judged")
-BPB_TEXTS = 200
+STAGES = ("train", "retention", "judged")
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,24 @@ class Point:
     policy: PolicySpec
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How to train a group's adapter when it is missing: the method and its settings."""
+
+    method: str  # "qadapter", or a peer of qadapter baseline: "dpo", "sft", "replay"
+    config: QAdapterConfig
+    replay_base: str = "sft"
+
+
 @dataclass
 class Group:
     """One adapter (its LoRA delta scaled by ``scale``) and the points read from its passes."""
 
     name: str
-    adapter: Path
+    adapter: Path  # <run folder>/adapter
     points: list[Point]
     scale: float = 1.0
+    recipe: Recipe | None = None  # None: committed elsewhere, never trained here
 
 
 @dataclass
@@ -79,18 +89,19 @@ class Setting:
     max_train_pairs: int = 480
     max_eval_pairs: int = 100
     win_prompts: int = 200
+    bpb_texts: int = 200
     seed: int = 0
     records: dict[str, list[PreferenceRecord]] = field(default_factory=dict)
 
     def split(self) -> dict[str, list[PreferenceRecord]]:
-        """``train`` (the slice trained on), ``held_out`` (the evaluation pairs), ``unseen`` (pairs of
-        training-split prompts outside the slice: never trained on, by any method)."""
+        """``train`` (the slice trained on), ``held_out`` (the evaluation pairs, as ``qadapter train``
+        slices them), ``unseen`` (every other pair: never trained on, by any method)."""
         if not self.records:
             records = read_records(data_file(default_data_dir(), self.data), prefer=self.prefer).records
             train, held_out = split_by_prompt(records, 0.2, seed=self.seed)
-            sliced = first_prompts(train, self.max_train_pairs)
-            used = {r.prompt_key for r in sliced}
-            self.records = {"train": sliced, "held_out": held_out, "unseen": [r for r in train if r.prompt_key not in used]}
+            sliced, evaluated = first_prompts(train, self.max_train_pairs), first_prompts(held_out, self.max_eval_pairs)
+            used = {r.prompt_key for r in sliced + evaluated}
+            self.records = {"train": sliced, "held_out": evaluated, "unseen": [r for r in train + held_out if r.prompt_key not in used]}
         return self.records
 
     def prompts(self) -> list[Any]:
@@ -109,6 +120,7 @@ def dsp_academy(repo: Path) -> Setting:
     study's own (Q-Adapter trained at a = 0.1)."""
     committed = repo / "experiments" / "dsp-academy"
     study = repo / "experiments" / "forgetting-study" / "dsp-academy"
+    light = QAdapterConfig()  # the main job's settings
     groups = [
         Group("qadapter-a1", committed / "qadapter" / "adapter",
               [Point("base", {}, PolicySpec("base", base=True)),
@@ -117,12 +129,68 @@ def dsp_academy(repo: Path) -> Setting:
               [Point("dpo", {"beta": 0.1}, PolicySpec("dpo", 1.0, 1.0)),
                *_dial("dpo_dial", "dpo-dial", (2.0, 4.0 / 3.0, 0.5), "lambda", lambda t: round(1 / t, 4), {"beta": 0.1})]),
         Group("qadapter-a0.1", study / "qadapter-a0.1" / "adapter",
-              _dial("qadapter", "qadapter-a0.1", (0.1, 0.2, 0.05), "alpha_0", lambda t: t, {"train_temperature": 0.1})),
+              _dial("qadapter", "qadapter-a0.1", (0.1, 0.2, 0.05), "alpha_0", lambda t: t, {"train_temperature": 0.1}),
+              recipe=Recipe("qadapter", dataclasses.replace(light, alpha_0=0.1, alpha_tilde=0.1))),
         Group("dpo-interp-0.5", committed / "dpo" / "adapter", [Point("dpo_interp", {"beta": 0.1, "lambda": 0.5}, PolicySpec("dpo-interp@0.5", 1.0, 1.0))], scale=0.5),
         Group("sft", committed / "sft" / "adapter", [Point("sft", {}, PolicySpec("sft", 1.0, 1.0))]),
         Group("replay", committed / "replay" / "adapter", [Point("replay", {"replay_base": "sft"}, PolicySpec("replay", 1.0, 1.0))]),  # type: ignore[dict-item]
     ]
     return Setting("dsp-academy", "dsp/domain_specific_preference.json", "academy", groups)
+
+
+# The paper's regime: three epochs, LoRA on every linear layer of the blocks at a higher rank.
+STRONG = QAdapterConfig(epochs=3.0, lora_r=16, lora_alpha=32.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def strong(repo: Path, name: str, data: str, prefer: str | None) -> Setting:
+    """Every method trained here in the paper's regime on ``data``: a customization strong enough that
+    the peers should forget (the study is valid only if one does)."""
+    root = repo / "experiments" / "forgetting-study" / name
+
+    def group(label: str, method: str, points: list[Point], config: QAdapterConfig = STRONG, scale: float = 1.0) -> Group:
+        folder = root / (label if scale == 1.0 else method)
+        return Group(label, folder / "adapter", points, scale, Recipe(method, config))
+
+    return Setting(name, data, prefer, [
+        group("qadapter-a1", "qadapter", [Point("base", {}, PolicySpec("base", base=True)),
+                                          *_dial("qadapter", "qadapter-a1", (1.0, 0.5, 0.25), "alpha_0", lambda t: t, {"train_temperature": 1.0})]),
+        group("qadapter-a0.1", "qadapter", _dial("qadapter", "qadapter-a0.1", (0.1, 0.2, 0.05), "alpha_0", lambda t: t, {"train_temperature": 0.1}),
+              dataclasses.replace(STRONG, alpha_0=0.1, alpha_tilde=0.1)),
+        group("dpo", "dpo", [Point("dpo", {"beta": 0.1}, PolicySpec("dpo", 1.0, 1.0)),
+                             *_dial("dpo_dial", "dpo-dial", (2.0, 4.0 / 3.0, 0.5), "lambda", lambda t: round(1 / t, 4), {"beta": 0.1})]),
+        group("dpo-interp-0.5", "dpo", [Point("dpo_interp", {"beta": 0.1, "lambda": 0.5}, PolicySpec("dpo-interp@0.5", 1.0, 1.0))], scale=0.5),
+        group("sft", "sft", [Point("sft", {}, PolicySpec("sft", 1.0, 1.0))]),
+        group("replay", "replay", [Point("replay", {"replay_base": "sft"}, PolicySpec("replay", 1.0, 1.0))]),  # type: ignore[dict-item]
+    ])
+
+
+def settings(repo: Path) -> dict[str, Setting]:
+    """Every setting of the study, by name."""
+    return {s.name: s for s in (
+        dsp_academy(repo),
+        strong(repo, "dsp-academy-strong", "dsp/domain_specific_preference.json", "academy"),
+        strong(repo, "hh-harmless-strong", "hh-rlhf/harmless-base/test.jsonl.gz", None),  # against the base's habits, as in the paper
+    )}
+
+
+def train_missing(setting: Setting, log: Any = print) -> None:
+    """Train every group adapter that is missing and has a recipe (resumable: Q-Adapter resumes from
+    its last checkpoint, a peer restarts)."""
+    from ..training import train
+    from .baselines import train_baseline
+
+    split = setting.split()
+    for group in setting.groups:
+        if group.adapter.is_dir() or group.recipe is None:
+            continue
+        run, recipe = group.adapter.parent, group.recipe
+        started = time.perf_counter()
+        log(f"{setting.name}: training {group.name} ({recipe.method}) into {run}")
+        if recipe.method == "qadapter":
+            train(recipe.config, split["train"], split["held_out"], run, resume=True, progress=False, log=log)
+        else:
+            train_baseline(recipe.method, split["train"], run, config=recipe.config, replay_base=recipe.replay_base, held_out_records=split["held_out"], log=log)
+        log(f"{setting.name}: {group.name} trained in {(time.perf_counter() - started) / 60:.1f} min")
 
 
 @contextlib.contextmanager
@@ -149,7 +217,7 @@ def run_stage(setting: Setting, plan: EvalPlan, cache: StageCache, bar: Progress
             policies = [p.policy for p in group.points]
             method = Method(group.name, policies, respond=[p.name for p in policies] if respond else [], solve=[])
             raws[group.name] = run_method(qmodel, method, plan, split["held_out"], setting.prompts(), cache, bar)
-            texts = bpb_texts(qmodel.tokenizer, plan)
+            texts = bpb_texts(qmodel.tokenizer, plan, setting.bpb_texts)
             raws[group.name]["bpb"] = cache.get(
                 f"{group.name}/bpb",
                 {"adapter": adapter_digest(qmodel), "scale": group.scale, "texts": digest(texts), "policies": [vars(p) for p in policies], "precision": plan.precision},
@@ -159,10 +227,10 @@ def run_stage(setting: Setting, plan: EvalPlan, cache: StageCache, bar: Progress
     return raws
 
 
-def bpb_texts(tokenizer: Any, plan: EvalPlan) -> list[tuple[str, str]]:
+def bpb_texts(tokenizer: Any, plan: EvalPlan, n: int) -> list[tuple[str, str]]:
     """General conversations for bits per byte: HH-RLHF helpful-base answers after the ones the KL
     measurement reads, so the two measures see different texts."""
-    return general_texts(tokenizer, plan.data_root, plan.kl_texts + BPB_TEXTS)[plan.kl_texts :]
+    return general_texts(tokenizer, plan.data_root, plan.kl_texts + n)[plan.kl_texts :]
 
 
 def assemble(setting: Setting, raws: dict[str, Any], judge: Judge | None, benches: list[str]) -> dict[str, Any]:
@@ -206,10 +274,39 @@ def _bpb_delta(bpb: dict[str, Any], name: str, base_bpb: dict[str, Any]) -> floa
     return None if not mine or not base else mine["mean"] - base["mean"]
 
 
+def run_setting(setting: Setting, output: Path, stages: list[str], sizes: dict[str, int], max_new_tokens: int, progress: bool) -> dict[str, Any]:
+    """Train what is missing, run the requested stages, and return the setting's results entry."""
+    folder = output / setting.name
+    cache = StageCache(folder / "cache")
+    split = setting.split()
+    if "train" in stages:
+        train_missing(setting)
+    judge, judge_info = prepare_judge("builtin", folder / "judge", split["train"], split["held_out"])
+    plan_for = lambda chosen: EvalPlan(data_root=default_data_dir(), sizes=chosen, max_new_tokens=max_new_tokens, precision=EVAL_PRECISION)  # noqa: E731
+    raws: dict[str, Any] = {}
+    with Progress(enabled=progress) as bar:
+        done: dict[str, int] = {}
+        for bench, n in sizes.items():  # benchmark-major: each answers a question across every method
+            done[bench] = n
+            if "retention" in stages:
+                raws = run_stage(setting, plan_for(dict(done)), cache, bar, respond=False, judge=judge)
+        if "judged" in stages:
+            raws = run_stage(setting, plan_for(sizes), cache, bar, respond=True, judge=judge)
+    benches = [b for b in sizes if b in BENCHMARKS]
+    return {
+        **assemble(setting, raws, judge if "judged" in stages else None, benches),
+        "judge": judge_info,
+        "n_train_pairs": len(split["train"]),
+        "n_held_out_pairs": len(split["held_out"]),
+        "n_win_prompts": len(setting.prompts()),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("experiments/forgetting-study"))
-    parser.add_argument("--stages", default=",".join(STAGES), help="retention (benchmarks, KL, bpb, preference accuracy) and/or judged (answers and win rates)")
+    parser.add_argument("--settings", default="dsp-academy", help="comma-separated: dsp-academy, dsp-academy-strong, hh-harmless-strong")
+    parser.add_argument("--stages", default=",".join(STAGES), help="train (missing adapters), retention (benchmarks, KL, bpb, preference accuracy), judged (answers, win rates)")
     parser.add_argument("--sizes", default=",".join(f"{k}={v}" for k, v in DEFAULT_SIZES.items()), help="benchmark=items, in the order they run")
     parser.add_argument("--win-prompts", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -217,35 +314,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     sizes = {name: int(n) for name, n in (part.split("=") for part in args.sizes.split(",") if part)}
-    repo = Path(__file__).resolve().parents[3]
-    setting = dsp_academy(repo)
-    setting.win_prompts = args.win_prompts
-    folder = args.output / setting.name
-    cache = StageCache(folder / "cache")
-    split = setting.split()
-    judge, judge_info = prepare_judge("builtin", folder / "judge", split["train"], split["held_out"])
-    plan_for = lambda chosen: EvalPlan(data_root=default_data_dir(), sizes=chosen, max_new_tokens=args.max_new_tokens, precision=EVAL_PRECISION)  # noqa: E731
-    raws: dict[str, Any] = {}
-    with Progress(enabled=not args.no_progress) as bar:
-        done: dict[str, int] = {}
-        if "retention" in stages:
-            for bench, n in sizes.items():  # benchmark-major: each answers a question across every method
-                done[bench] = n
-                raws = run_stage(setting, plan_for(dict(done)), cache, bar, respond=False, judge=judge)
-        if "judged" in stages:
-            raws = run_stage(setting, plan_for(sizes), cache, bar, respond=True, judge=judge)
-    benches = [b for b in sizes if b in BENCHMARKS]
-    results = {
-        "settings": {setting.name: {**assemble(setting, raws, judge if "judged" in stages else None, benches), "judge": judge_info,
-                                    "n_train_pairs": len(split["train"]), "n_held_out_pairs": len(split["held_out"]), "n_win_prompts": len(setting.prompts())}},
-        "defaults": {"qadapter": {"alpha_0": QAdapterConfig().alpha_0, "alpha_tilde": QAdapterConfig().alpha_tilde}},
-        "command": " ".join(["python -m qadapter.eval.study", *(argv if argv is not None else sys.argv[1:])]),
-        "precision": precision_name(EVAL_PRECISION),
-    }
-    write_json_atomic(args.output / "results.json", results)
-    (args.output / "report.md").write_text(frontier.markdown(results), encoding="utf-8")
-    with contextlib.suppress(ImportError):
-        frontier.plot(results["settings"][setting.name], args.output / f"{setting.name}-frontier.png", setting.name)
+    known = settings(Path(__file__).resolve().parents[3])
+    results_path = args.output / "results.json"
+    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {"settings": {}}
+    for name in filter(None, args.settings.split(",")):
+        setting = known[name]
+        setting.win_prompts = args.win_prompts
+        results["settings"][name] = run_setting(setting, args.output, stages, sizes, args.max_new_tokens, not args.no_progress)
+        results.update(
+            defaults={"qadapter": {"alpha_0": QAdapterConfig().alpha_0, "alpha_tilde": QAdapterConfig().alpha_tilde}},
+            command=" ".join(["python -m qadapter.eval.study", *(argv if argv is not None else sys.argv[1:])]),
+            precision=precision_name(EVAL_PRECISION),
+        )
+        write_json_atomic(results_path, results)  # after every setting: an interrupted study keeps what it finished
+        (args.output / "report.md").write_text(frontier.markdown(results), encoding="utf-8")
+        with contextlib.suppress(ImportError):
+            frontier.plot(results["settings"][name], args.output / f"{name}-frontier.png", name)
     print(frontier.markdown(results))
 
 

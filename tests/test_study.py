@@ -1,0 +1,59 @@
+"""The forgetting study end to end on the tiny model: every method's points in the schema, resumable."""
+
+from __future__ import annotations
+
+import json
+
+from qadapter.eval import frontier
+from qadapter.eval.retention import PolicySpec
+from qadapter.eval.study import Group, Point, Setting, run_setting
+
+from conftest import random_adapter
+
+
+def tiny_setting(tiny_model_dir, tmp_path) -> Setting:
+    a = random_adapter(tiny_model_dir, tmp_path / "a" / "adapter", seed=1)
+    b = random_adapter(tiny_model_dir, tmp_path / "b" / "adapter", seed=2)
+    groups = [
+        Group("qadapter-a1", a, [Point("base", {}, PolicySpec("base", base=True)),
+                                 *(Point("qadapter", {"alpha_0": t}, PolicySpec(f"q@{t:g}", t, t)) for t in (1.0, 0.5))]),
+        Group("dpo", b, [Point("dpo", {"beta": 0.1}, PolicySpec("dpo", 1.0, 1.0)), Point("dpo_dial", {"lambda": 0.5}, PolicySpec("dpo-dial@2", 2.0, 2.0))]),
+        Group("dpo-interp-0.5", b, [Point("dpo_interp", {"lambda": 0.5}, PolicySpec("dpo-interp@0.5", 1.0, 1.0))], scale=0.5),
+        Group("missing", tmp_path / "nowhere" / "adapter", [Point("sft", {}, PolicySpec("sft", 1.0, 1.0))]),
+    ]
+    return Setting("tiny", "dsp/domain_specific_preference.json", "academy", groups, max_train_pairs=40, max_eval_pairs=8, win_prompts=3, bpb_texts=6)
+
+
+def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    setting = tiny_setting(tiny_model_dir, tmp_path)
+    entry = run_setting(setting, tmp_path / "study", ["retention", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
+    methods = entry["methods"]
+    assert set(methods) == {"base", "qadapter", "dpo", "dpo_dial", "dpo_interp"}  # the untrained group is skipped
+    assert [p["knob"] for p in methods["qadapter"]["points"]] == [{"alpha_0": 1.0}, {"alpha_0": 0.5}]
+    for method, entry_ in methods.items():
+        for point in entry_["points"]:
+            assert set(point["retention"]) == {"arc_easy", "piqa"}
+            if method == "base":
+                continue
+            assert 0 <= point["win_rate"] <= 1 and point["kl_to_base"] >= 0 and point["bpb_delta"] is not None
+            for bench in ("arc_easy", "piqa"):
+                r = point["retention"][bench]
+                assert {"n", "acc", "delta", "delta_ci", "mcnemar_p", "changed", "mde"} <= set(r) and 0 <= r["mcnemar_p"] <= 1
+    stages = sorted(p.name for p in (tmp_path / "study" / "tiny" / "cache").rglob("*.json"))
+    again = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
+    assert again == entry and sorted(p.name for p in (tmp_path / "study" / "tiny" / "cache").rglob("*.json")) == stages  # all from the cache
+    results = {"settings": {"tiny": entry}}
+    assert "At matched alignment" in frontier.markdown(results) and json.dumps(results)
+    frontier.plot(entry, tmp_path / "frontier.png", "tiny")
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_matched_alignment_picks_the_closest_win_rate():
+    def point(w: float, d: float) -> dict:
+        return {"knob": {}, "win_rate": w, "retention": {"arc_easy": {"delta": d, "delta_ci": [d - 0.01, d + 0.01], "mcnemar_p": 0.5}}}
+
+    setting = {"benchmarks": ["arc_easy"], "methods": {"dpo": {"points": [point(0.9, -0.04)]}, "qadapter": {"points": [point(0.5, 0.0), point(0.85, -0.02), point(0.99, -0.06)]}}}
+    picked = frontier.matched(setting)
+    assert picked["qadapter"]["win_rate"] == 0.85 and picked["dpo"]["win_rate"] == 0.9
+    assert frontier.retention_delta(picked["qadapter"], ["arc_easy"]) == -0.02
