@@ -544,8 +544,12 @@ def _set_in(section, key, value):
         (lambda p: _edit_json(p, lambda m: m.pop("base")), "field 'base' is missing or not an object"),
         (lambda p: _edit_json(p, _set("config", "alpha_0=1")), "field 'config' is missing or not an object"),
         (lambda p: _edit_json(p, _set_in("config", "colour", "red")), "unknown field(s) colour"),
-        (lambda p: _edit_json(p, _set_in("config", "alpha_0", -1)), "alpha_0 must be > 0, got -1"),
-        (lambda p: _edit_json(p, _set_in("config", "alpha_0", "big")), "malformed 'config'"),
+        (lambda p: _edit_json(p, _set_in("config", "alpha_0", -1)), "alpha_0 must be > 0 and <= 10000, got -1"),
+        (lambda p: _edit_json(p, _set_in("config", "alpha_0", "big")), "alpha_0 must be a number, got 'big'"),
+        (lambda p: _edit_json(p, _set_in("config", "alpha_0", float("inf"))), "alpha_0 must be > 0 and <= 10000, got inf"),
+        (lambda p: _edit_json(p, _set_in("config", "alpha_0", True)), "alpha_0 must be a number, got True"),
+        (lambda p: _edit_json(p, _set_in("config", "alpha_tilde", float("nan"))), "alpha_tilde must be > 0 and <= 10000, got nan"),
+        (lambda p: _edit_json(p, _set_in("config", "target_modules", "(.*)*.*X")), "target_modules must be a list of 1 to 1024 module names"),
         (lambda p: _edit_json(p, lambda m: m["base"].pop("fingerprint")), "malformed 'base'"),
         (lambda p: _edit_json(p, _set_in("base", "fingerprint", "abc")), "malformed 'base' (wrong type or empty: fingerprint)"),
         (lambda p: _edit_json(p, _set_in("base", "fingerprint", [0.1, 0.2])), "(fingerprint has 2 values, expected 24)"),
@@ -553,7 +557,7 @@ def _set_in(section, key, value):
     ],
     ids=[
         "invalid-json", "non-utf8", "not-an-object", "missing-base", "config-not-object", "unknown-field",
-        "alpha_0-negative", "alpha_0-string", "base-missing-field", "fingerprint-string", "fingerprint-length", "architecture-list",
+        "alpha_0-negative", "alpha_0-string", "alpha_0-inf", "alpha_0-true", "alpha_tilde-nan", "targets-regex", "base-missing-field", "fingerprint-string", "fingerprint-length", "architecture-list",
     ],
 )
 def test_corrupt_qadapter_config_is_a_config_error(adapter, tiny_model_dir, tamper, message):
