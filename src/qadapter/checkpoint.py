@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -32,6 +34,7 @@ QADAPTER_CONFIG = "qadapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.pt"
+STEP_FOLDER = re.compile(r"step-\d+")  # checkpoints/step-000004; anything else there is not ours
 RESERVED_NAMES = ("base", "__base__")  # the server's model id of the base; PEFT's name for "no adapter"
 
 
@@ -300,21 +303,78 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(qmodel: Any, folder: str | Path, trainer_state: dict[str, Any]) -> None:
-    """An adapter folder plus ``trainer_state.pt`` (one dict, read back by the same keys)."""
+    """An adapter folder plus ``trainer_state.pt``: one dict of tensors, numbers, strings, lists and
+    dicts (what ``weights_only`` loading accepts), read back by the same keys."""
     with atomic_dir(folder) as tmp:
         write_adapter_files(qmodel, tmp)
         torch.save(trainer_state, tmp / TRAINER_STATE)
 
 
+# The layout of trainer_state.pt: its sections, and the progress fields training reads back.
+_SECTIONS = ("optimizer", "scheduler", "rng", "progress")
+_PROGRESS_TYPES: dict[str, type | tuple[type, ...]] = {
+    "step": int,
+    "history": list,
+    "before": (dict, type(None)),
+    "train_seconds": (int, float),
+    "skipped_steps": int,
+    "data_digest": str,
+}
+
+
 def load_trainer_state(folder: str | Path) -> dict[str, Any]:
+    """Read ``trainer_state.pt`` with ``weights_only=True``: plain data only, so a tampered file cannot
+    run code on resume. A file holding anything else, or not laid out as saved, is refused naming it."""
     path = Path(folder) / TRAINER_STATE
     if not path.is_file():
         raise ModelError(f"{folder}: not a training checkpoint ({TRAINER_STATE} is missing)")
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states hold tuples
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(f"{path}: refused: {_unpickling_detail(exc)}; a trainer state holds only plain data") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # truncated or not a torch file
+        raise ModelError(f"{path}: not a readable trainer state ({' '.join(str(exc).split()) or type(exc).__name__})") from None
+    _check_layout(state, path)
+    return state
+
+
+def _unpickling_detail(exc: pickle.UnpicklingError) -> str:
+    """The object the file would have built (torch's own message spans many lines)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"it would call or build {found.group(1)}" if found else "it holds pickle instructions beyond plain data"
+
+
+def _check_layout(state: Any, path: Path) -> None:
+    if not isinstance(state, dict) or not all(isinstance(state.get(key), dict) for key in _SECTIONS):
+        raise ModelError(f"{path}: malformed trainer state (expected the sections {', '.join(_SECTIONS)})")
+    progress = state["progress"]
+    bad = [
+        key
+        for key, kind in _PROGRESS_TYPES.items()
+        if not isinstance(progress.get(key), kind) or isinstance(progress.get(key), bool)
+    ]
+    if bad or progress["step"] < 0:
+        raise ModelError(f"{path}: malformed trainer state (progress field(s) {', '.join(bad or ['step'])})")
+
+
+def restore_trainer_state(state: dict[str, Any], folder: str | Path, optimizer: Any, scheduler: Any, scaler: Any = None) -> None:
+    """Put the saved optimizer, scheduler, RNG and grad-scaler states back; one that does not fit this
+    run (other parameters, a foreign scheduler) is refused naming the file."""
+    path = Path(folder) / TRAINER_STATE
+    try:
+        if set(state["scheduler"]) != set(scheduler.state_dict()):  # load_state_dict would set any attribute it is given
+            raise ValueError(f"scheduler keys {sorted(state['scheduler'])}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise ModelError(f"{path}: trainer state does not fit this run ({' '.join(str(exc).split())})") from None
 
 
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
     folder = Path(checkpoints_dir)
-    done = [p for p in folder.glob("step-*") if (p / TRAINER_STATE).is_file()] if folder.is_dir() else []
+    done = [p for p in folder.glob("step-*") if STEP_FOLDER.fullmatch(p.name) and (p / TRAINER_STATE).is_file()] if folder.is_dir() else []
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
