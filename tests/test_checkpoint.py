@@ -209,3 +209,32 @@ def test_latest_checkpoint_ignores_foreign_folders(tmp_path):
     (tmp_path / "step-000010" / checkpoint.TRAINER_STATE).unlink()  # an unfinished one
     assert checkpoint.latest_checkpoint(tmp_path).name == "step-000002"
 
+
+def test_conv1d_adapter_round_trip(tmp_path):
+    """GPT-2-style Conv1D layers (weight stored as in × out, fan_in_fan_out) pass the tensor-shape check and load."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    qm = QAdapterModel.create(load_base(str(tmp_path / "gpt2"), device="cpu"), QAdapterConfig(target_modules=["c_attn"], q_form="raw"))
+    with torch.no_grad():
+        for name, p in qm.peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3)
+    qm.save_pretrained(tmp_path / "adapter")
+    loaded = QAdapterModel.from_pretrained(tmp_path / "adapter", device="cpu")
+    assert torch.equal(_policy_logits(loaded), _policy_logits(qm))
+
+
+def test_output_layer_adapter_round_trip(tmp_path, tiny_model_dir):
+    """LoRA on lm_head: PEFT saves the (tied) output layer whole beside the factors; the shape check accepts it."""
+    qm = QAdapterModel.create(load_base(str(tiny_model_dir), device="cpu"), QAdapterConfig(target_modules=["q_proj", "lm_head"], q_form="raw"))
+    qm.save_pretrained(tmp_path / "adapter")
+    assert "base_model.model.lm_head.base_layer.weight" in checkpoint._tensor_shapes(tmp_path / "adapter" / checkpoint.ADAPTER_WEIGHTS)
+    loaded = QAdapterModel.from_pretrained(tmp_path / "adapter", device="cpu")
+    assert torch.equal(_policy_logits(loaded), _policy_logits(qm))

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .adapter_schema import check_against_base, check_peft_config, check_tensor_shapes, lora_config_from
 from .config import ADAPTER_NAME, QAdapterConfig, read_json
 from .errors import ConfigError, ModelError
 
@@ -149,6 +150,7 @@ class _AdapterFiles:
     folder: Path
     config: QAdapterConfig
     saved: Any  # the BaseIdentity recorded at training time
+    peft: dict[str, Any]  # adapter_config.json, checked against the schema: what PEFT is given
     shapes: dict[str, list[int]]
 
 
@@ -158,8 +160,8 @@ def _read_adapter(adapter_dir: str | Path) -> _AdapterFiles:
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are loaded)")
     saved = _saved_identity(base_meta, folder / QADAPTER_CONFIG)
-    read_json(str(folder / ADAPTER_CONFIG), "PEFT adapter config")  # names the file if it is broken
-    return _AdapterFiles(folder, config, saved, _tensor_shapes(folder / ADAPTER_WEIGHTS))
+    peft = check_peft_config(read_json(str(folder / ADAPTER_CONFIG), "PEFT adapter config"), folder / ADAPTER_CONFIG)
+    return _AdapterFiles(folder, config, saved, peft, _tensor_shapes(folder / ADAPTER_WEIGHTS))
 
 
 def _check_base(files: _AdapterFiles, base: Any, allow_base_mismatch: bool) -> None:
@@ -178,18 +180,28 @@ def _check_base(files: _AdapterFiles, base: Any, allow_base_mismatch: bool) -> N
         )
 
 
+def _check_fits(files: _AdapterFiles, base: Any) -> None:
+    """The adapter's settings and tensor shapes against the base's modules and dimensions, before
+    PEFT allocates anything."""
+    check_against_base(files.peft, files.folder / ADAPTER_CONFIG, base.model)
+    check_tensor_shapes(files.shapes, files.peft["r"], files.folder / ADAPTER_WEIGHTS, base.model)
+
+
 def _attach(model: Any, files: _AdapterFiles, name: str, is_trainable: bool) -> Any:
-    """Load the adapter as ``name`` onto ``model`` (a PeftModel, or a plain base that becomes one);
-    refuse weights PEFT would silently leave missing, and NaN/inf weights."""
+    """Load the adapter as ``name`` onto ``model``: a plain base becomes a PeftModel; onto a PeftModel
+    it is added frozen (a companion of a composition). PEFT gets the checked settings, not the file.
+    Refuse weights PEFT would silently leave missing, and NaN/inf weights."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
+    settings = lora_config_from(files.peft, inference_mode=not is_trainable)
     try:
         if isinstance(model, PeftModel):
-            model.load_adapter(str(files.folder), adapter_name=name, is_trainable=is_trainable)
+            model.add_adapter(name, settings)  # load_adapter then reads only the weights
+            model.load_adapter(str(files.folder), adapter_name=name)
         else:
-            model = PeftModel.from_pretrained(model, str(files.folder), adapter_name=name, is_trainable=is_trainable)
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:  # TypeError: mistyped adapter_config.json
+            model = PeftModel.from_pretrained(model, str(files.folder), adapter_name=name, is_trainable=is_trainable, config=settings)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"{files.folder}: adapter weights do not fit the base model ({' '.join(str(exc).split())})") from None
     # PEFT only warns about absent tensors and leaves those LoRA weights at their initial values
     expected = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
@@ -230,6 +242,7 @@ def load_adapter(
         base = load_base(model or files.saved.name, revision=None if model else _hub_revision(files.saved), device=device)
     check_unused(base)
     _check_base(files, base, allow_base_mismatch)
+    _check_fits(files, base)
     peft_model = _attach(base.model, files, "default", is_trainable)
     return QAdapterModel(peft_model, base.tokenizer, files.config, base.identity)
 
@@ -271,9 +284,11 @@ def load_composition(
     if base is None:
         base = load_base(model or first.saved.name, revision=None if model else _hub_revision(first.saved), device=device)
     check_unused(base)
+    for files in adapters.values():  # all of them before PEFT changes the base in place
+        _check_base(files, base, allow_base_mismatch)
+        _check_fits(files, base)
     peft_model = base.model
     for name, files in adapters.items():
-        _check_base(files, base, allow_base_mismatch)
         peft_model = _attach(peft_model, files, name, is_trainable=False)
     companions = {name: files.config for name, files in others}
     return QAdapterModel(peft_model, base.tokenizer, first.config, base.identity, companions)
