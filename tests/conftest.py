@@ -124,3 +124,13 @@ def random_adapter(model_dir: Path, folder: Path, q_form: str = "residual", seed
                 p.add_(0.5 * torch.randn(p.shape, generator=g))
     qm.save_pretrained(folder)
     return folder
+
+
+class ShellPayload:
+    """A pickle payload: unpickling it runs a shell command that creates ``path`` (a planted os.system call)."""
+
+    def __init__(self, path: Path):
+        self.command = f"touch {path}"
+
+    def __reduce__(self):
+        return (os.system, (self.command,))

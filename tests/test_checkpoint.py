@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import pickle
+import random
 
 import pytest
 import torch
 
+from conftest import ShellPayload
 from qadapter import checkpoint
 from qadapter.config import QAdapterConfig
 from qadapter.decode import encode_prompts
@@ -105,3 +108,133 @@ def test_json_writes_are_atomic(tmp_path, monkeypatch):
         checkpoint.write_json_atomic(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer state: read back with weights_only=True, so a tampered checkpoint cannot run code
+
+
+def _plain_state(**progress):
+    return {
+        "optimizer": {"state": {}, "param_groups": []},
+        "scheduler": {},
+        "rng": checkpoint.rng_state(),
+        "progress": {"step": 4, "history": [], "before": None, "train_seconds": 1.0, "skipped_steps": 0, "data_digest": "x", **progress},
+    }
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dumps"])
+def test_trainer_state_with_code_is_refused_unrun(tmp_path, writer):
+    """A trainer_state.pt carrying an object whose __reduce__ calls os.system is refused, naming the file,
+    and the command never runs (torch.load(weights_only=True) builds plain data only)."""
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "step-000004" / checkpoint.TRAINER_STATE
+    path.parent.mkdir()
+    state = {**_plain_state(), "optimizer": ShellPayload(marker)}
+    if writer == "torch.save":
+        torch.save(state, path)
+    else:
+        path.write_bytes(pickle.dumps(state))
+    with pytest.raises(ModelError) as info:
+        checkpoint.load_trainer_state(path.parent)
+    message = str(info.value)
+    assert message.startswith(f"{path}: refused: ") and "plain data" in message and "\n" not in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "not a readable trainer state"),
+        (b"\x00garbage" * 8, "refused"),
+        ({"optimizer": {}}, "malformed trainer state (expected the sections optimizer, scheduler, rng, progress)"),
+        (_plain_state(step="4"), "malformed trainer state (progress field(s) step)"),
+        (_plain_state(step=True), "malformed trainer state (progress field(s) step)"),
+        (_plain_state(history=None), "malformed trainer state (progress field(s) history)"),
+    ],
+    ids=["empty", "garbage", "missing-sections", "step-string", "step-bool", "history-none"],
+)
+def test_malformed_trainer_state_is_one_line_error(tmp_path, content, message):
+    """A damaged or re-laid-out trainer_state.pt gives a ModelError naming it, not a traceback on resume."""
+    path = tmp_path / checkpoint.TRAINER_STATE
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ModelError) as info:
+        checkpoint.load_trainer_state(tmp_path)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_saved_trainer_state_round_trips_as_plain_data(tmp_path):
+    """What training saves (optimizer, scheduler, RNG states, progress) loads under weights_only=True and
+    restores the RNG streams exactly."""
+    from transformers import get_scheduler
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    params[0].grad = torch.ones(3)
+    optimizer.step()
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=10)
+    scheduler.step()
+    random.seed(5)
+    torch.manual_seed(5)
+    state = {**_plain_state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    torch.save(state, tmp_path / checkpoint.TRAINER_STATE)
+    expected = (random.random(), torch.rand(3))
+    loaded = checkpoint.load_trainer_state(tmp_path)
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-3)
+    checkpoint.restore_trainer_state(loaded, tmp_path, fresh, get_scheduler("cosine", fresh, num_warmup_steps=1, num_training_steps=10))
+    restored = (random.random(), torch.rand(3))
+    assert restored[0] == expected[0] and torch.equal(restored[1], expected[1])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_foreign_scheduler_state_is_refused(tmp_path):
+    """A scheduler state with keys this run's scheduler lacks would set arbitrary attributes: refused."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-3)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=10)
+    state = {**_plain_state(), "scheduler": {**scheduler.state_dict(), "optimizer": {}}}
+    with pytest.raises(ModelError, match=r"trainer_state\.pt: trainer state does not fit this run \(scheduler keys"):
+        checkpoint.restore_trainer_state(state, tmp_path, optimizer, scheduler)
+
+
+def test_latest_checkpoint_ignores_foreign_folders(tmp_path):
+    """Only step-N folders holding a trainer state count; a stray step-x folder does not crash resume."""
+    for name in ("step-000002", "step-000010", "step-latest", "step-"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpoint.TRAINER_STATE).write_bytes(b"")
+    (tmp_path / "step-000010" / checkpoint.TRAINER_STATE).unlink()  # an unfinished one
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-000002"
+
+
+def test_conv1d_adapter_round_trip(tmp_path):
+    """GPT-2-style Conv1D layers (weight stored as in × out, fan_in_fan_out) pass the tensor-shape check and load."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    qm = QAdapterModel.create(load_base(str(tmp_path / "gpt2"), device="cpu"), QAdapterConfig(target_modules=["c_attn"], q_form="raw"))
+    with torch.no_grad():
+        for name, p in qm.peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3)
+    qm.save_pretrained(tmp_path / "adapter")
+    loaded = QAdapterModel.from_pretrained(tmp_path / "adapter", device="cpu")
+    assert torch.equal(_policy_logits(loaded), _policy_logits(qm))
+
+
+def test_output_layer_adapter_round_trip(tmp_path, tiny_model_dir):
+    """LoRA on lm_head: PEFT saves the (tied) output layer whole beside the factors; the shape check accepts it."""
+    qm = QAdapterModel.create(load_base(str(tiny_model_dir), device="cpu"), QAdapterConfig(target_modules=["q_proj", "lm_head"], q_form="raw"))
+    qm.save_pretrained(tmp_path / "adapter")
+    assert "base_model.model.lm_head.base_layer.weight" in checkpoint._tensor_shapes(tmp_path / "adapter" / checkpoint.ADAPTER_WEIGHTS)
+    loaded = QAdapterModel.from_pretrained(tmp_path / "adapter", device="cpu")
+    assert torch.equal(_policy_logits(loaded), _policy_logits(qm))

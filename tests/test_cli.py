@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -93,3 +95,50 @@ def test_train_without_data_uses_the_default_dataset(tiny_model_dir, tmp_path, m
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prefer"] == "academy" and metrics["data"] == "dsp/domain_specific_preference.json"
     assert metrics["n_train_pairs"] + metrics["n_eval_pairs"] == 8 * 3
+
+
+def _qadapter(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "1000", "OMP_NUM_THREADS": "1"}
+    env.pop("QADAPTER_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "qadapter", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--learning-rate", "inf", "learning_rate must be > 0 and <= 1, got inf"),
+        ("--learning-rate", "nan", "learning_rate must be > 0 and <= 1, got nan"),
+        ("--alpha-0", "inf", "alpha_0 must be > 0 and <= 10000, got inf"),
+        ("--alpha-tilde", "inf", "alpha_tilde must be > 0 and <= 10000, got inf"),
+        ("--lora-alpha", "inf", "lora_alpha must be > 0 and <= 10000, got inf"),
+        ("--epochs", "inf", "epochs must be > 0 and <= 10000, got inf"),
+        ("--beta", "inf", "beta must be finite and >= 0, got inf"),
+        ("--lora-r", "1000000", "lora_r must be >= 1 and <= 65536, got 1000000"),
+    ],
+)
+def test_non_finite_setting_exits_2_with_one_line(tiny_model_dir, tmp_path, data_file, option, value, message):
+    """A non-finite or out-of-range setting stops `qadapter train` before anything is loaded: exit 2, one line naming the field."""
+    proc = _qadapter("train", "--model", str(tiny_model_dir), "--data", str(data_file), "--output", str(tmp_path / "o"), "--no-progress", option, value)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: {message}"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tiny_model_dir, tmp_path_factory):
+    from conftest import random_adapter
+
+    return random_adapter(tiny_model_dir, tmp_path_factory.mktemp("cli-adapter") / "adapter")
+
+
+@pytest.mark.parametrize("value, message", [("Infinity", "alpha_0 must be > 0 and <= 10000, got inf"), ("true", "alpha_0 must be a number, got True")])
+def test_adapter_with_non_finite_setting_exits_2(saved_adapter, tmp_path, value, message):
+    """`qadapter generate` on an adapter whose qadapter_config.json has alpha_0 Infinity or true: exit 2, one line naming file and field."""
+    import shutil
+
+    adapter = Path(shutil.copytree(saved_adapter, tmp_path / "adapter"))
+    path = adapter / "qadapter_config.json"
+    path.write_text(re.sub(r'"alpha_0": [^,]+,', f'"alpha_0": {value},', path.read_text()))
+    proc = _qadapter("generate", "--adapter", str(adapter), "--max-new-tokens", "2", "hello")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: {path}: {message}"

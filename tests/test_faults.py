@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import marker_records
+from conftest import ShellPayload, marker_records
 
 SETTINGS = ["--batch-size", "8", "--micro-batch-size", "2", "--learning-rate", "5e-3", "--warmup-ratio", "0",
             "--max-length", "48", "--max-prompt-length", "24", "--eval-fraction", "0.25", "--no-progress"]
@@ -101,3 +101,22 @@ def test_two_processes_match_one(tiny_model_dir, data_file, tmp_path):
     assert metrics["processes"] == 2
     assert two.stderr.count("training pairs") == 1  # only rank 0 reports
     _assert_same_adapter(_adapter(tmp_path / "one"), _adapter(tmp_path / "two"), rtol=1e-4, atol=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_that_carries_code(tiny_model_dir, data_file, tmp_path):
+    """`--resume` on a trainer_state.pt with a planted os.system call exits 2 with one line naming the file;
+    the planted command never runs (the state is read with torch.load(weights_only=True))."""
+    run, marker = tmp_path / "run", tmp_path / "code-ran"
+    extra = ["--max-steps", "4", "--save-every", "2", "--eval-every", "100"]
+    first = subprocess.run(_train_cmd(tiny_model_dir, data_file, run, *extra), env=_env(), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    state_path = run / "checkpoints" / "step-000002" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    torch.save({**state, "rng": ShellPayload(marker)}, state_path)
+    env = {**_env(), "COLUMNS": "1000"}
+    env.pop("QADAPTER_DEBUG", None)
+    resumed = subprocess.run(_train_cmd(tiny_model_dir, data_file, run, *extra, "--resume"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 2
+    error = [line for line in resumed.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and f"{state_path}: refused: it would call or build" in error[0], resumed.stderr
+    assert "Traceback" not in resumed.stderr and not marker.exists()

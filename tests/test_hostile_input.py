@@ -11,6 +11,7 @@ import json
 import pickle
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -507,22 +508,19 @@ def _peft_config(change):
     return lambda adapter: _edit_json(adapter / "adapter_config.json", change)
 
 
+Q_PROJ_0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
 @pytest.mark.parametrize(
     "tamper, message",
     [
-        (_peft_config(lambda c: c.update(r=4)), "do not fit the base model.*size mismatch"),
-        (_tensors(lambda t: {k: v[:, :8].contiguous() for k, v in t.items()}), "size mismatch"),
-        (_tensors(lambda t: {k + ".x": v for k, v in t.items()}), "lacks 8 of the 8 tensors"),
+        (_peft_config(lambda c: c.update(r=4)), r"lora_A\.weight' has shape \[8, 64\], expected \[4, 64\] for rank r=4"),
+        (_tensors(lambda t: {k: v[:, :8].contiguous() for k, v in t.items()}), "has shape"),
+        (_tensors(lambda t: {k + ".x": v for k, v in t.items()}), "is not a LoRA weight of a module of the base model"),
         (_tensors(lambda t: dict(list(t.items())[1:])), "lacks 1 of the 8 tensors"),
         (_tensors(lambda t: {k: torch.full_like(v, float("nan")) for k, v in t.items()}), "NaN or infinite"),
-        (_peft_config(lambda c: c.update(r="eight")), "do not fit the base model"),
-        (_peft_config(lambda c: c.update(target_modules=["no_such_proj"])), "do not fit the base model"),
-        (_peft_config(lambda c: c.update(target_modules=5)), "do not fit the base model"),
     ],
-    ids=[
-        "rank-8-to-4", "tensor-shapes", "renamed-tensors", "missing-tensor", "nan-weights", "rank-not-int", "unknown-target",
-        "targets-not-list",
-    ],
+    ids=["rank-8-to-4", "tensor-shapes", "renamed-tensors", "missing-tensor", "nan-weights"],
 )
 @pytest.mark.filterwarnings("ignore:Found missing adapter keys")  # PEFT's warning; the ModelError is what counts
 def test_mismatched_adapter_weights_are_refused(adapter, tiny_model_dir, tamper, message):
@@ -531,6 +529,86 @@ def test_mismatched_adapter_weights_are_refused(adapter, tiny_model_dir, tamper,
     with pytest.raises(ModelError, match=message) as info:
         _load(adapter, tiny_model_dir)
     assert str(info.value).startswith(str(adapter)) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {f"{Q_PROJ_0}.base_layer.weight": torch.zeros(64, 64)},  # a targeted layer's own base weight
+        {"base_model.model.model.norm.weight": torch.zeros(64)},  # a layer no adapter touches
+    ],
+    ids=["targeted-base-weight", "untargeted-base-weight"],
+)
+def test_adapter_cannot_overwrite_base_weights(adapter, tiny_model_dir, extra):
+    """PEFT loads any base weight it finds in the adapter file; only LoRA factors are accepted, so the base stays intact."""
+    _tensors(lambda t: {**t, **extra})(adapter)
+    (key,) = extra
+    with pytest.raises(ModelError, match=f"tensor '{key}' is not a LoRA weight of a module of the base model"):
+        _load(adapter, tiny_model_dir)
+
+
+def _remove(key):
+    return lambda c: c.pop(key)
+
+
+# name: (change to adapter_config.json, the message after "path: ")
+HOSTILE_PEFT_CONFIGS = {
+    "regex-targets": (dict(target_modules="(.*)*.*X"), "field 'target_modules' must be a list of module names or 'all-linear'"),
+    "regex-in-list": (dict(target_modules=["q_proj", "(.*)*.*X"]), "field 'target_modules' must be a list of module names"),
+    "targets-not-list": (dict(target_modules=5), "field 'target_modules' must be"),
+    "empty-targets": (dict(target_modules=[]), "field 'target_modules' must be"),
+    "unknown-target": (dict(target_modules=["no_such_proj"]), "field 'target_modules' names no module of the base model: 'no_such_proj'"),
+    "huge-rank": (dict(r=1_000_000), "field 'r' must be >= 1 and <= 65536, got 1000000"),
+    "rank-above-hidden-size": (dict(r=65), "field 'r' must be <= the base model's hidden size (64), got 65"),
+    "rank-zero": (dict(r=0), "field 'r' must be >= 1"),
+    "rank-bool": (dict(r=True), "field 'r' must be an integer, got True"),
+    "rank-not-int": (dict(r="eight"), "field 'r' must be an integer, got 'eight'"),
+    "rank-float": (dict(r=8.5), "field 'r' must be an integer"),
+    "alpha-inf": (dict(lora_alpha=float("inf")), "field 'lora_alpha' must be > 0 and <= 10000, got inf"),
+    "alpha-nan": (dict(lora_alpha=float("nan")), "field 'lora_alpha' must be > 0"),
+    "alpha-negative": (dict(lora_alpha=-16), "field 'lora_alpha' must be > 0"),
+    "alpha-bool": (dict(lora_alpha=True), "field 'lora_alpha' must be a number, got True"),
+    "dropout-one": (dict(lora_dropout=1.0), "field 'lora_dropout' must be >= 0 and < 1"),
+    "layers-out-of-range": (dict(layers_to_transform=[0, 7]), "field 'layers_to_transform' must name layers below 2, got 7"),
+    "layers-negative": (dict(layers_to_transform=-1), "field 'layers_to_transform' must be a layer index"),
+    "layers-pattern": (dict(layers_pattern="(.*)*"), "field 'layers_pattern' is not supported in a Q-Adapter"),
+    "modules-to-save": (dict(modules_to_save=["no_such_module"]), "field 'modules_to_save' is not supported in a Q-Adapter"),
+    "modules-to-save-real": (dict(modules_to_save=["lm_head"]), "field 'modules_to_save' is not supported in a Q-Adapter"),
+    "rank-pattern": (dict(rank_pattern={"(.*)*.*X": 4096}), "field 'rank_pattern' is not supported in a Q-Adapter"),
+    "exclude-regex": (dict(exclude_modules="(.*)*.*X"), "field 'exclude_modules' is not supported in a Q-Adapter"),
+    "pissa-init": (dict(init_lora_weights="pissa"), "field 'init_lora_weights' must be true or false"),
+    "dora": (dict(use_dora=True), "field 'use_dora' is not supported in a Q-Adapter"),
+    "lora-bias": (dict(bias="all"), "field 'bias' must be 'none'"),
+    "unknown-key": (dict(colour="red"), "field 'colour' is not supported in a Q-Adapter (it must be unset, got 'red')"),
+    "other-peft-type": (dict(peft_type="LOHA"), "field 'peft_type' must be 'LORA'"),
+    "other-task": (dict(task_type="SEQ_CLS"), "field 'task_type' must be 'CAUSAL_LM'"),
+    "missing-rank": (_remove("r"), "field 'r' is missing"),
+}
+
+
+@pytest.mark.parametrize("change, message", HOSTILE_PEFT_CONFIGS.values(), ids=HOSTILE_PEFT_CONFIGS.keys())
+def test_hostile_peft_config_is_refused_before_peft(adapter, tiny_model_dir, change, message):
+    """adapter_config.json is checked against the schema and the base's dimensions before PEFT sees it:
+    a ConfigError naming the file and the field, on one line, and no LoRA layer is ever built."""
+    path = adapter / "adapter_config.json"
+    _edit_json(path, change if callable(change) else lambda c: c.update(change))
+    base = load_base(str(tiny_model_dir), device="cpu")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        QAdapterModel.from_pretrained(adapter, base=base)
+    assert time.monotonic() - started < 30  # a regex PEFT ran would backtrack for minutes
+    assert str(info.value).startswith(f"{path}: {message}") and "\n" not in str(info.value)
+    assert not any("lora_" in name for name, _ in base.model.named_modules())  # PEFT builds its layers in the base
+
+
+def test_schema_accepts_what_peft_writes_and_all_linear(saved_adapter):
+    """The adapter_config.json PEFT writes passes as it is, and the string target 'all-linear' is no regex."""
+    from qadapter.adapter_schema import check_peft_config
+
+    path = saved_adapter / "adapter_config.json"
+    data = json.loads(path.read_text())
+    assert check_peft_config(data, path) == data
+    assert check_peft_config({**data, "target_modules": "all-linear"}, path)["target_modules"] == "all-linear"
 
 
 def _set(key, value):
@@ -550,8 +628,12 @@ def _set_in(section, key, value):
         (lambda p: _edit_json(p, lambda m: m.pop("base")), "field 'base' is missing or not an object"),
         (lambda p: _edit_json(p, _set("config", "alpha_0=1")), "field 'config' is missing or not an object"),
         (lambda p: _edit_json(p, _set_in("config", "colour", "red")), "unknown field(s) colour"),
-        (lambda p: _edit_json(p, _set_in("config", "alpha_0", -1)), "alpha_0 must be > 0, got -1"),
-        (lambda p: _edit_json(p, _set_in("config", "alpha_0", "big")), "malformed 'config'"),
+        (lambda p: _edit_json(p, _set_in("config", "alpha_0", -1)), "alpha_0 must be > 0 and <= 10000, got -1"),
+        (lambda p: _edit_json(p, _set_in("config", "alpha_0", "big")), "alpha_0 must be a number, got 'big'"),
+        (lambda p: _edit_json(p, _set_in("config", "alpha_0", float("inf"))), "alpha_0 must be > 0 and <= 10000, got inf"),
+        (lambda p: _edit_json(p, _set_in("config", "alpha_0", True)), "alpha_0 must be a number, got True"),
+        (lambda p: _edit_json(p, _set_in("config", "alpha_tilde", float("nan"))), "alpha_tilde must be > 0 and <= 10000, got nan"),
+        (lambda p: _edit_json(p, _set_in("config", "target_modules", "(.*)*.*X")), "target_modules must be a list of 1 to 1024 module names"),
         (lambda p: _edit_json(p, lambda m: m["base"].pop("fingerprint")), "malformed 'base'"),
         (lambda p: _edit_json(p, _set_in("base", "fingerprint", "abc")), "malformed 'base' (wrong type or empty: fingerprint)"),
         (lambda p: _edit_json(p, _set_in("base", "fingerprint", [0.1, 0.2])), "(fingerprint has 2 values, expected 24)"),
@@ -559,7 +641,7 @@ def _set_in(section, key, value):
     ],
     ids=[
         "invalid-json", "non-utf8", "not-an-object", "missing-base", "config-not-object", "unknown-field",
-        "alpha_0-negative", "alpha_0-string", "base-missing-field", "fingerprint-string", "fingerprint-length", "architecture-list",
+        "alpha_0-negative", "alpha_0-string", "alpha_0-inf", "alpha_0-true", "alpha_tilde-nan", "targets-regex", "base-missing-field", "fingerprint-string", "fingerprint-length", "architecture-list",
     ],
 )
 def test_corrupt_qadapter_config_is_a_config_error(adapter, tiny_model_dir, tamper, message):
@@ -612,7 +694,7 @@ def test_other_architecture_is_refused_even_when_mismatch_is_allowed(saved_adapt
     """A base of another shape is refused by name; forcing it still ends in ModelError, not a PEFT traceback."""
     with pytest.raises(ModelError, match=r"different base model .*hidden_size: adapter expects 64, base has 32"):
         _load(saved_adapter, wider_model_dir)
-    with pytest.raises(ModelError, match="do not fit the base model.*size mismatch"):
+    with pytest.raises(ModelError, match=r"lora_A\.weight' has shape \[8, 64\], expected \[8, 32\]"):
         QAdapterModel.from_pretrained(saved_adapter, base=load_base(str(wider_model_dir), device="cpu"), allow_base_mismatch=True)
 
 

@@ -10,7 +10,7 @@ from qadapter import objective
 from qadapter.collate import collate_pairs, tokenize_pair
 from qadapter.config import QAdapterConfig
 from qadapter.data import read_records
-from qadapter.errors import ModelError
+from qadapter.errors import ConfigError, ModelError
 from qadapter.model import QAdapterModel, load_base
 
 from conftest import marker_records
@@ -168,3 +168,11 @@ def test_lora_on_the_output_layer_disables_the_hidden_path(tiny_model_dir):
     """With LoRA on lm_head, logits are not the frozen W·h, so scoring falls back to full logits."""
     qm = QAdapterModel.create(load_base(str(tiny_model_dir), device="cpu"), QAdapterConfig(target_modules=["q_proj", "lm_head"]))
     assert not qm.hidden_path
+
+
+def test_rank_above_hidden_size_is_refused(tiny_model_dir):
+    """A LoRA rank above the base's hidden size adds nothing but memory: refused before any layer is built."""
+    base = load_base(str(tiny_model_dir), device="cpu")
+    with pytest.raises(ConfigError, match=r"^lora_r must be <= the base model's hidden size \(64\), got 65$"):
+        QAdapterModel.create(base, QAdapterConfig(lora_r=65))
+    assert not hasattr(base.model, "peft_config")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .adapter_schema import check_against_base, check_peft_config, check_tensor_shapes, lora_config_from
 from .config import ADAPTER_NAME, QAdapterConfig, read_json
 from .errors import ConfigError, ModelError
 
@@ -32,6 +35,7 @@ QADAPTER_CONFIG = "qadapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.pt"
+STEP_FOLDER = re.compile(r"step-\d+")  # checkpoints/step-000004; anything else there is not ours
 RESERVED_NAMES = ("base", "__base__")  # the server's model id of the base; PEFT's name for "no adapter"
 
 
@@ -101,8 +105,6 @@ def read_adapter_meta(adapter_dir: str | Path) -> tuple[QAdapterConfig, dict[str
         config = QAdapterConfig.from_dict(meta["config"], source=str(path))
     except ConfigError as exc:  # range checks name the field but not the file
         raise ConfigError(str(exc) if str(exc).startswith(f"{path}:") else f"{path}: {exc}") from None
-    except TypeError as exc:  # a value of the wrong JSON type, e.g. "alpha_0": "x"
-        raise ConfigError(f"{path}: malformed 'config' ({exc})") from None
     return config, meta["base"], str(meta.get("qadapter_version", "unknown"))
 
 
@@ -148,6 +150,7 @@ class _AdapterFiles:
     folder: Path
     config: QAdapterConfig
     saved: Any  # the BaseIdentity recorded at training time
+    peft: dict[str, Any]  # adapter_config.json, checked against the schema: what PEFT is given
     shapes: dict[str, list[int]]
 
 
@@ -157,8 +160,8 @@ def _read_adapter(adapter_dir: str | Path) -> _AdapterFiles:
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are loaded)")
     saved = _saved_identity(base_meta, folder / QADAPTER_CONFIG)
-    read_json(str(folder / ADAPTER_CONFIG), "PEFT adapter config")  # names the file if it is broken
-    return _AdapterFiles(folder, config, saved, _tensor_shapes(folder / ADAPTER_WEIGHTS))
+    peft = check_peft_config(read_json(str(folder / ADAPTER_CONFIG), "PEFT adapter config"), folder / ADAPTER_CONFIG)
+    return _AdapterFiles(folder, config, saved, peft, _tensor_shapes(folder / ADAPTER_WEIGHTS))
 
 
 def _check_base(files: _AdapterFiles, base: Any, allow_base_mismatch: bool) -> None:
@@ -177,18 +180,28 @@ def _check_base(files: _AdapterFiles, base: Any, allow_base_mismatch: bool) -> N
         )
 
 
+def _check_fits(files: _AdapterFiles, base: Any) -> None:
+    """The adapter's settings and tensor shapes against the base's modules and dimensions, before
+    PEFT allocates anything."""
+    check_against_base(files.peft, files.folder / ADAPTER_CONFIG, base.model)
+    check_tensor_shapes(files.shapes, files.peft["r"], files.folder / ADAPTER_WEIGHTS, base.model)
+
+
 def _attach(model: Any, files: _AdapterFiles, name: str, is_trainable: bool) -> Any:
-    """Load the adapter as ``name`` onto ``model`` (a PeftModel, or a plain base that becomes one);
-    refuse weights PEFT would silently leave missing, and NaN/inf weights."""
+    """Load the adapter as ``name`` onto ``model``: a plain base becomes a PeftModel; onto a PeftModel
+    it is added frozen (a companion of a composition). PEFT gets the checked settings, not the file.
+    Refuse weights PEFT would silently leave missing, and NaN/inf weights."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
+    settings = lora_config_from(files.peft, inference_mode=not is_trainable)
     try:
         if isinstance(model, PeftModel):
-            model.load_adapter(str(files.folder), adapter_name=name, is_trainable=is_trainable)
+            model.add_adapter(name, settings)  # load_adapter then reads only the weights
+            model.load_adapter(str(files.folder), adapter_name=name)
         else:
-            model = PeftModel.from_pretrained(model, str(files.folder), adapter_name=name, is_trainable=is_trainable)
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:  # TypeError: mistyped adapter_config.json
+            model = PeftModel.from_pretrained(model, str(files.folder), adapter_name=name, is_trainable=is_trainable, config=settings)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"{files.folder}: adapter weights do not fit the base model ({' '.join(str(exc).split())})") from None
     # PEFT only warns about absent tensors and leaves those LoRA weights at their initial values
     expected = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
@@ -229,6 +242,7 @@ def load_adapter(
         base = load_base(model or files.saved.name, revision=None if model else _hub_revision(files.saved), device=device)
     check_unused(base)
     _check_base(files, base, allow_base_mismatch)
+    _check_fits(files, base)
     peft_model = _attach(base.model, files, "default", is_trainable)
     return QAdapterModel(peft_model, base.tokenizer, files.config, base.identity)
 
@@ -270,9 +284,11 @@ def load_composition(
     if base is None:
         base = load_base(model or first.saved.name, revision=None if model else _hub_revision(first.saved), device=device)
     check_unused(base)
+    for files in adapters.values():  # all of them before PEFT changes the base in place
+        _check_base(files, base, allow_base_mismatch)
+        _check_fits(files, base)
     peft_model = base.model
     for name, files in adapters.items():
-        _check_base(files, base, allow_base_mismatch)
         peft_model = _attach(peft_model, files, name, is_trainable=False)
     companions = {name: files.config for name, files in others}
     return QAdapterModel(peft_model, base.tokenizer, first.config, base.identity, companions)
@@ -302,21 +318,78 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(qmodel: Any, folder: str | Path, trainer_state: dict[str, Any]) -> None:
-    """An adapter folder plus ``trainer_state.pt`` (one dict, read back by the same keys)."""
+    """An adapter folder plus ``trainer_state.pt``: one dict of tensors, numbers, strings, lists and
+    dicts (what ``weights_only`` loading accepts), read back by the same keys."""
     with atomic_dir(folder) as tmp:
         write_adapter_files(qmodel, tmp)
         torch.save(trainer_state, tmp / TRAINER_STATE)
 
 
+# The layout of trainer_state.pt: its sections, and the progress fields training reads back.
+_SECTIONS = ("optimizer", "scheduler", "rng", "progress")
+_PROGRESS_TYPES: dict[str, type | tuple[type, ...]] = {
+    "step": int,
+    "history": list,
+    "before": (dict, type(None)),
+    "train_seconds": (int, float),
+    "skipped_steps": int,
+    "data_digest": str,
+}
+
+
 def load_trainer_state(folder: str | Path) -> dict[str, Any]:
+    """Read ``trainer_state.pt`` with ``weights_only=True``: plain data only, so a tampered file cannot
+    run code on resume. A file holding anything else, or not laid out as saved, is refused naming it."""
     path = Path(folder) / TRAINER_STATE
     if not path.is_file():
         raise ModelError(f"{folder}: not a training checkpoint ({TRAINER_STATE} is missing)")
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states hold tuples
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(f"{path}: refused: {_unpickling_detail(exc)}; a trainer state holds only plain data") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # truncated or not a torch file
+        raise ModelError(f"{path}: not a readable trainer state ({' '.join(str(exc).split()) or type(exc).__name__})") from None
+    _check_layout(state, path)
+    return state
+
+
+def _unpickling_detail(exc: pickle.UnpicklingError) -> str:
+    """The object the file would have built (torch's own message spans many lines)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"it would call or build {found.group(1)}" if found else "it holds pickle instructions beyond plain data"
+
+
+def _check_layout(state: Any, path: Path) -> None:
+    if not isinstance(state, dict) or not all(isinstance(state.get(key), dict) for key in _SECTIONS):
+        raise ModelError(f"{path}: malformed trainer state (expected the sections {', '.join(_SECTIONS)})")
+    progress = state["progress"]
+    bad = [
+        key
+        for key, kind in _PROGRESS_TYPES.items()
+        if not isinstance(progress.get(key), kind) or isinstance(progress.get(key), bool)
+    ]
+    if bad or progress["step"] < 0:
+        raise ModelError(f"{path}: malformed trainer state (progress field(s) {', '.join(bad or ['step'])})")
+
+
+def restore_trainer_state(state: dict[str, Any], folder: str | Path, optimizer: Any, scheduler: Any, scaler: Any = None) -> None:
+    """Put the saved optimizer, scheduler, RNG and grad-scaler states back; one that does not fit this
+    run (other parameters, a foreign scheduler) is refused naming the file."""
+    path = Path(folder) / TRAINER_STATE
+    try:
+        if set(state["scheduler"]) != set(scheduler.state_dict()):  # load_state_dict would set any attribute it is given
+            raise ValueError(f"scheduler keys {sorted(state['scheduler'])}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise ModelError(f"{path}: trainer state does not fit this run ({' '.join(str(exc).split())})") from None
 
 
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
     folder = Path(checkpoints_dir)
-    done = [p for p in folder.glob("step-*") if (p / TRAINER_STATE).is_file()] if folder.is_dir() else []
+    done = [p for p in folder.glob("step-*") if STEP_FOLDER.fullmatch(p.name) and (p / TRAINER_STATE).is_file()] if folder.is_dir() else []
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)

@@ -3,6 +3,10 @@
 Every field carries its help text (the single source for the CLI and the docs), its valid
 range, and its paper symbol where it has one (arXiv 2407.03856). ``__post_init__`` rejects
 bad values naming the field. Only the standard library is imported.
+
+Settings come from the command line and from adapter folders, which are untrusted: a number
+must be a finite int or float in its range (never a bool: JSON ``true`` is not 1.0), a name
+list a list of plain names.
 """
 
 from __future__ import annotations
@@ -11,14 +15,80 @@ import dataclasses
 import json
 import math
 import re
+import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
 
+Check = Callable[[Any], "str | None"]  # None for a valid value, else what the value must be
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+MAX_SCALE = 1e4  # α₀, α̃, α_LoRA: far above any useful value, low enough that float32 scores stay finite
+MAX_EPOCHS = 1e4
+MAX_LORA_RANK = 65536  # the base's hidden size bounds it further when the adapter is built
+MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # a plain module name or dotted path, never a pattern
+MAX_MODULE_NAMES = 1024
+
+
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool (``True`` would pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _show(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"  # 1e4 as 10000, 2**32 - 1 in full
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False, integer: bool = False) -> Check:
+    """A finite number (an integer if ``integer``) in [low, high], either end open or absent."""
+    bounds = [f"{'>' if low_open else '>='} {_show(low)}"] if low is not None else []
+    bounds += [f"{'<' if high_open else '<='} {_show(high)}"] if high is not None else []
+    kind = "an integer" if integer else "a number"
+
+    def check(value: Any) -> str | None:
+        if not is_number(value) or (integer and not isinstance(value, int)):
+            return kind
+        finite = integer or math.isfinite(value)
+        above = low is None or (value > low if low_open else value >= low)
+        below = high is None or (value < high if high_open else value <= high)
+        if finite and above and below:
+            return None
+        return " and ".join(bounds if integer or high is not None else ["finite", *bounds])
+
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    return lambda value: None if value in choices else " or ".join(map(repr, choices))
+
+
+def boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "true or false"
+
+
+def optional(check: Check) -> Check:
+    return lambda value: None if value is None else check(value)
+
+
+def module_names(value: Any) -> str | None:
+    """A non-empty list of plain module names: PEFT matches list entries by name, never as regexes."""
+    ok = (
+        isinstance(value, list)
+        and 0 < len(value) <= MAX_MODULE_NAMES
+        and all(isinstance(name, str) and len(name) <= 256 and MODULE_NAME.fullmatch(name) for name in value)
+    )
+    return None if ok else f"a list of 1 to {MAX_MODULE_NAMES} module names (letters, digits, '_' and '.')"
+
+
+def problem(name: str, value: Any, check: Check) -> str | None:
+    """'NAME must be EXPECTED, got VALUE' if ``check`` refuses ``value``, else None."""
+    expected = check(value)
+    return None if expected is None else f"{name} must be {expected}, got {reprlib.repr(value)}"
+
+
+def _help(text: str, check: Check | None = None) -> dict[str, Any]:
+    return {"help": text, "check": check}
 
 
 @dataclass
@@ -33,7 +103,8 @@ class QAdapterConfig:
         default="residual",
         metadata=_help(
             "What the adapter's output means. 'residual': Q = adapted logits − base logits (Q = 0 at "
-            "initialisation, the default); 'raw': Q = adapted logits, as the reference code does."
+            "initialisation, the default); 'raw': Q = adapted logits, as the reference code does.",
+            one_of("residual", "raw"),
         ),
     )
     alpha_0: float = field(
@@ -41,95 +112,79 @@ class QAdapterConfig:
         metadata=_help(
             "α₀ = λ·α₁ > 0, weight of the base log-policy in the customized policy "
             "(Q + α₀ log π₁)/α̃. Larger keeps the model closer to the base. Can be changed at "
-            "generation time without retraining. The reference code uses 0.01 with q_form='raw'."
+            "generation time without retraining. The reference code uses 0.01 with q_form='raw'.",
+            number(0, MAX_SCALE, low_open=True),
         ),
     )
     alpha_tilde: float = field(
-        default=1.0, metadata=_help("α̃ > 0, temperature of the customized policy and of the soft value V.")
+        default=1.0, metadata=_help("α̃ in (0, 1e4], temperature of the customized policy and of the soft value V.", number(0, MAX_SCALE, low_open=True))
     )
-    gamma: float = field(default=1.0, metadata=_help("γ in [0, 1], discount of the Bellman residual r₂ = Q − γV'."))
+    gamma: float = field(default=1.0, metadata=_help("γ in [0, 1], discount of the Bellman residual r₂ = Q − γV'.", number(0, 1)))
     beta: float = field(
-        default=0.1, metadata=_help("β >= 0, weight of the χ² penalty mean(r₂²) that keeps token rewards small.")
+        default=0.1, metadata=_help("β >= 0, weight of the χ² penalty mean(r₂²) that keeps token rewards small.", number(0))
     )
     value_state: str = field(
         default="next",
         metadata=_help(
             "Which state's value the token reward subtracts. 'next': r₂ = Q(s_t,a_t) − γV(s_{t+1}) (the "
-            "paper's Bellman residual); 'current': r₂ = Q(s_t,a_t) − γV(s_t) (the reference code)."
+            "paper's Bellman residual); 'current': r₂ = Q(s_t,a_t) − γV(s_t) (the reference code).",
+            one_of("next", "current"),
         ),
     )
     length_normalize: bool = field(
         default=False,
         metadata=_help(
             "Divide each response's summed reward by its own number of tokens before the Bradley–Terry "
-            "comparison (the reference code divides by the padded batch length instead)."
+            "comparison (the reference code divides by the padded batch length instead).",
+            boolean,
         ),
     )
     # --- LoRA -----------------------------------------------------------------------------------
-    lora_r: int = field(default=8, metadata=_help("LoRA rank r >= 1."))
-    lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling α_LoRA > 0 (the update is scaled by α_LoRA/r)."))
-    lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA input during training, in [0, 1)."))
+    lora_r: int = field(default=8, metadata=_help("LoRA rank r >= 1, at most the base model's hidden size.", number(1, MAX_LORA_RANK, integer=True)))
+    lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling α_LoRA in (0, 1e4] (the update is scaled by α_LoRA/r).", number(0, MAX_SCALE, low_open=True)))
+    lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA input during training, in [0, 1).", number(0, 1, high_open=True)))
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        metadata=_help("Module names that get LoRA (default: attention query and value projections)."),
+        metadata=_help("Module names that get LoRA (default: attention query and value projections).", module_names),
     )
     # --- optimisation ---------------------------------------------------------------------------
-    learning_rate: float = field(default=1e-3, metadata=_help("Peak AdamW learning rate > 0."))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay >= 0."))
-    warmup_ratio: float = field(default=0.05, metadata=_help("Fraction of steps of linear warm-up, in [0, 1)."))
-    lr_scheduler: str = field(default="cosine", metadata=_help("'cosine', 'linear' or 'constant' after warm-up."))
-    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm > 0."))
-    batch_size: int = field(default=4, metadata=_help("Preference pairs per optimizer step (global, all processes)."))
+    learning_rate: float = field(default=1e-3, metadata=_help("Peak AdamW learning rate, in (0, 1].", number(0, 1, low_open=True)))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay >= 0.", number(0)))
+    warmup_ratio: float = field(default=0.05, metadata=_help("Fraction of steps of linear warm-up, in [0, 1).", number(0, 1, high_open=True)))
+    lr_scheduler: str = field(default="cosine", metadata=_help("'cosine', 'linear' or 'constant' after warm-up.", one_of("cosine", "linear", "constant")))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm > 0.", number(0, low_open=True)))
+    batch_size: int = field(default=4, metadata=_help("Preference pairs per optimizer step (global, all processes).", number(1, integer=True)))
     micro_batch_size: int = field(
-        default=4, metadata=_help("Pairs per forward pass; batch_size / (micro_batch_size × processes) steps are accumulated.")
+        default=4, metadata=_help("Pairs per forward pass; batch_size / (micro_batch_size × processes) steps are accumulated.", number(1, integer=True))
     )
-    epochs: float = field(default=1.0, metadata=_help("Passes over the training pairs (fractions allowed), > 0."))
-    max_steps: int | None = field(default=None, metadata=_help("Stop after this many optimizer steps (overrides epochs)."))
-    seed: int = field(default=0, metadata=_help("Seed for LoRA initialisation, data order and dropout."))
+    epochs: float = field(default=1.0, metadata=_help("Passes over the training pairs (fractions allowed), in (0, 1e4].", number(0, MAX_EPOCHS, low_open=True)))
+    max_steps: int | None = field(default=None, metadata=_help("Stop after this many optimizer steps (overrides epochs).", optional(number(1, integer=True))))
+    seed: int = field(default=0, metadata=_help("Seed for LoRA initialisation, data order and dropout, in [0, 2³²).", number(0, 2**32 - 1, integer=True)))
     # --- sequences ------------------------------------------------------------------------------
     max_length: int = field(
         default=192,
-        metadata=_help("Maximum tokens of prompt + response; longer pairs are truncated (raise it for long conversations; cost grows with it)."),
+        metadata=_help("Maximum tokens of prompt + response; longer pairs are truncated (raise it for long conversations; cost grows with it).", number(2, integer=True)),
     )
     max_prompt_length: int = field(
         default=128,
         metadata=_help(
             "Prompt tokens that survive truncation. Over-long pairs lose prompt tokens from the left first "
-            "(down to this many), then response tokens from the right."
+            "(down to this many), then response tokens from the right.",
+            number(1, integer=True),
         ),
     )
 
     def __post_init__(self) -> None:
-        checks: list[tuple[str, bool, str]] = [
-            ("q_form", self.q_form in ("residual", "raw"), "'residual' or 'raw'"),
-            ("alpha_0", self.alpha_0 > 0, "> 0"),
-            ("alpha_tilde", self.alpha_tilde > 0, "> 0"),
-            ("gamma", 0.0 <= self.gamma <= 1.0, "in [0, 1]"),
-            ("beta", self.beta >= 0, ">= 0"),
-            ("value_state", self.value_state in ("next", "current"), "'next' or 'current'"),
-            ("lora_r", self.lora_r >= 1, ">= 1"),
-            ("lora_alpha", self.lora_alpha > 0, "> 0"),
-            ("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)"),
-            ("target_modules", len(self.target_modules) > 0, "a non-empty list of module names"),
-            ("learning_rate", self.learning_rate > 0, "> 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)"),
-            ("lr_scheduler", self.lr_scheduler in ("cosine", "linear", "constant"), "'cosine', 'linear' or 'constant'"),
-            ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("micro_batch_size", 1 <= self.micro_batch_size <= self.batch_size, f"in [1, batch_size={self.batch_size}]"),
-            ("epochs", self.epochs > 0, "> 0"),
-            ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or None"),
-            ("max_length", self.max_length >= 2, ">= 2"),
-            ("max_prompt_length", 1 <= self.max_prompt_length < self.max_length, f"in [1, max_length={self.max_length})"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
-        if self.batch_size % self.micro_batch_size:
+        for f in dataclasses.fields(self):  # each field alone first, so the checks below compare numbers
+            message = problem(f.name, getattr(self, f.name), f.metadata["check"])
+            if message:
+                raise ConfigError(message)
+        if self.micro_batch_size > self.batch_size or self.batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
             )
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"max_prompt_length must be < max_length={self.max_length}, got {self.max_prompt_length}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

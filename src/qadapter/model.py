@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import objective
+from .adapter_schema import check_rank
 from .checkpoint import atomic_dir
 from .collate import PreferenceBatch, SharedContexts
 from .config import QAdapterConfig
@@ -251,6 +252,7 @@ class QAdapterModel:
         from peft import get_peft_model
 
         check_unused(base)
+        check_rank(config.lora_r, base.model, "lora_r")
         torch.manual_seed(config.seed)  # LoRA A is drawn at random
         missing = [m for m in config.target_modules if not any(n.split(".")[-1] == m for n, _ in base.model.named_modules())]
         if missing:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import objective
-from .checkpoint import latest_checkpoint, load_adapter, load_trainer_state, save_adapter, save_checkpoint, set_rng_state, rng_state, write_json_atomic
+from .checkpoint import latest_checkpoint, load_adapter, load_trainer_state, restore_trainer_state, rng_state, save_adapter, save_checkpoint, write_json_atomic
 from .collate import TokenizedPair, collate_pairs, prompt_grouped_batches, tokenize_records
 from .config import QAdapterConfig
 from .data import PreferenceRecord
@@ -192,11 +192,7 @@ def train(
             saved = load_trainer_state(resume_from)
             if saved["progress"].get("data_digest") != data_digest:
                 raise ConfigError(f"{resume_from} was trained on different data; resume with the same data and split")
-            optimizer.optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            set_rng_state(saved["rng"])
-            if accelerator.scaler is not None and "scaler" in saved:
-                accelerator.scaler.load_state_dict(saved["scaler"])
+            restore_trainer_state(saved, resume_from, optimizer.optimizer, scheduler, accelerator.scaler)
             state = saved["progress"]
             log(f"resumed from {resume_from} at step {state['step']}")
 
