@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +138,27 @@ class ShellPayload:
 
     def __reduce__(self):
         return (os.system, (self.command,))
+
+
+@contextlib.contextmanager
+def running(app):  # used by the server tests
+    """uvicorn with the server's own settings (server_config: the head deadline) in a thread, on a free loopback port."""
+    import uvicorn
+
+    from qadapter.serve import server_config
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(server_config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=20)
+        sock.close()

@@ -22,7 +22,7 @@ from qadapter.decode import DecodeBatch, encode_prompts, generate, generate_ids,
 from qadapter.model import QAdapterModel  # noqa: E402
 from qadapter.serve import create_app  # noqa: E402
 
-from conftest import random_adapter  # noqa: E402
+from conftest import random_adapter, running  # noqa: E402
 
 PROMPTS = ["tell me about the cat", "why is the dog so big", "hello there", "say something good", "what is the answer",
            "where is the red mat", "one two three", "how fast is the blue dog"]
@@ -39,19 +39,8 @@ def qmodel(tiny_model_dir, tmp_path_factory):
 def server(qmodel):
     """uvicorn in a background thread on a free loopback port; at most 4 requests per batch, so 8 clients queue and join mid-flight."""
     app = create_app(qmodel, max_batch_size=4)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield app, sock.getsockname()[1]
-    srv.should_exit = True
-    thread.join(timeout=20)
-    sock.close()
+    with running(app) as port:
+        yield app, port
 
 
 @pytest.fixture(scope="module")

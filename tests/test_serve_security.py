@@ -29,7 +29,7 @@ from qadapter.errors import ConfigError  # noqa: E402
 from qadapter.model import QAdapterModel  # noqa: E402
 from qadapter.serve import MAX_CHARS_PER_TOKEN, StopMatcher, check_bind, create_app, server_config  # noqa: E402
 
-from conftest import random_adapter  # noqa: E402
+from conftest import running, random_adapter  # noqa: E402
 
 KEY = "test-key-7f3a"
 LIMITS = ServeLimits(max_request_bytes=64 * 1024, read_timeout=1.0, max_stop_chars=32)
@@ -39,26 +39,6 @@ SLACK_S = 3.0  # on top of read_timeout before a connection must have been close
 @pytest.fixture(scope="module")
 def qmodel(tiny_model_dir, tmp_path_factory):
     return QAdapterModel.from_pretrained({"a": random_adapter(tiny_model_dir, tmp_path_factory.mktemp("security") / "a", "residual", 1)}, device="cpu")
-
-
-@contextmanager
-def running(app):
-    """uvicorn with the server's own settings (server_config: the head deadline) in a thread, on a free loopback port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(server_config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
