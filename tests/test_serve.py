@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +13,6 @@ import torch
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-import uvicorn  # noqa: E402
 
 from qadapter.config import DecodeConfig  # noqa: E402
 from qadapter.decode import DecodeBatch, encode_prompts, generate, generate_ids, mixture  # noqa: E402

@@ -9,9 +9,7 @@ import random
 import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 from hypothesis import given, settings
@@ -20,7 +18,6 @@ from hypothesis import strategies as st
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-import uvicorn  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from qadapter.cli import app as cli_app  # noqa: E402
