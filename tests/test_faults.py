@@ -69,7 +69,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, data_file, tm
         assert leftover.name.startswith(("step-", ".step-"))
     resumed = subprocess.run(_train_cmd(tiny_model_dir, data_file, killed, *extra, "--resume"), env=_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr
+    assert "resumed from" in resumed.stdout  # progress and notices go to stdout, errors to stderr
     _assert_same_adapter(_adapter(tmp_path / "clean"), _adapter(killed), rtol=1e-5, atol=1e-7)
 
 
@@ -79,7 +79,7 @@ def test_sigint_stops_at_step_boundary_with_resume_command(tiny_model_dir, data_
     proc = subprocess.Popen(_train_cmd(tiny_model_dir, data_file, out, "--max-steps", "400", "--save-every", "1000", "--eval-every", "1000"),
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while "time left" not in (line := proc.stderr.readline()):  # training has started once the estimate is printed
+    while "time left" not in (line := proc.stdout.readline()):  # training has started once the estimate is printed
         assert line or proc.poll() is None, "training ended early"
         assert time.monotonic() < deadline
     proc.send_signal(signal.SIGINT)
@@ -99,7 +99,7 @@ def test_two_processes_match_one(tiny_model_dir, data_file, tmp_path):
     assert two.returncode == 0, two.stderr
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["processes"] == 2
-    assert two.stderr.count("training pairs") == 1  # only rank 0 reports
+    assert two.stdout.count("training pairs") == 1  # only rank 0 reports
     _assert_same_adapter(_adapter(tmp_path / "one"), _adapter(tmp_path / "two"), rtol=1e-4, atol=1e-6)
 
 

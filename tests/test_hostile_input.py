@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from qadapter.collate import tokenize_pair
 from qadapter.config import QAdapterConfig
-from qadapter.data import ROLES, PreferenceRecord, parse_record, read_records
+from qadapter.data import MAX_RECORD_CHARS, ROLES, PreferenceRecord, parse_record, read_records
 from qadapter.errors import ConfigError, DataError, ModelError
 from qadapter.model import QAdapterModel, load_base
 from qadapter.collate import tokenize_records
@@ -186,12 +186,13 @@ def test_nothing_usable_left_raises_with_count(tmp_path):
 
 
 def test_huge_record_loads_and_is_truncated(tmp_path, tok):
-    """A valid 5 MB response loads like any record; tokenize_pair cuts it to max_length tokens."""
+    """A valid response just under the per-record bound loads like any record; tokenize_pair cuts it to max_length tokens.
+    (Records over MAX_RECORD_CHARS are refused with their line: tests/test_hostile_data.py.)"""
     chunk = "the cat sat on the mat " + "z" * 4000 + " "
-    huge = chunk * (5_000_000 // len(chunk) + 1)
+    huge = chunk * ((MAX_RECORD_CHARS - 1000) // len(chunk))
     path = tmp_path / "d.jsonl"
     path.write_bytes(b"\n".join([GOOD_LINE, _line({**GOOD, "chosen": huge}), GOOD_LINE]) + b"\n")
-    assert path.stat().st_size > 5_000_000
+    assert path.stat().st_size > 0.9 * MAX_RECORD_CHARS
     report = read_records(path)
     assert len(report.records) == 3 and not report.skipped
     rec = report.records[1]

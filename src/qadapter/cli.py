@@ -189,7 +189,8 @@ def train(
             run_info=run_info,
         )
     except TrainingInterrupted as exc:
-        console.print(f"{exc}\nresume with: qadapter {' '.join(a for a in sys.argv[1:] if a not in ('--overwrite', '--resume'))} --resume")
+        # Why the command stopped and how to continue: stderr, like an error, so a redirected log still shows it.
+        _console(stderr=True).print(f"{exc}\nresume with: qadapter {' '.join(a for a in sys.argv[1:] if a not in ('--overwrite', '--resume'))} --resume")
         raise typer.Exit(130) from None
     m = result.metrics
     console.print(
