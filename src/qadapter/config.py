@@ -87,6 +87,15 @@ def problem(name: str, value: Any, check: Check) -> str | None:
     return None if expected is None else f"{name} must be {expected}, got {reprlib.repr(value)}"
 
 
+def check_fields(settings: Any) -> None:
+    """Raise ConfigError naming the first field of a settings dataclass whose check refuses its value."""
+    for f in dataclasses.fields(settings):
+        check = f.metadata.get("check")
+        message = check and problem(f.name, getattr(settings, f.name), check)
+        if message:
+            raise ConfigError(message)
+
+
 def _help(text: str, check: Check | None = None) -> dict[str, Any]:
     return {"help": text, "check": check}
 
@@ -175,10 +184,7 @@ class QAdapterConfig:
     )
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # each field alone first, so the checks below compare numbers
-            message = problem(f.name, getattr(self, f.name), f.metadata["check"])
-            if message:
-                raise ConfigError(message)
+        check_fields(self)  # each field alone first, so the checks below compare numbers
         if self.micro_batch_size > self.batch_size or self.batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
@@ -223,13 +229,13 @@ def parse_weights(text: str) -> dict[str, float]:
 class DecodeConfig:
     """How the customized policy generates text."""
 
-    max_new_tokens: int = field(default=128, metadata=_help("Tokens to generate at most, >= 1."))
-    min_new_tokens: int = field(default=0, metadata=_help("Tokens to generate before EOS may end a row, in [0, max_new_tokens]."))
-    temperature: float = field(default=0.0, metadata=_help("Sampling temperature >= 0 on top of α̃; 0 is greedy."))
-    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass in (0, 1]; 1 keeps every token."))
-    alpha_0: float | None = field(default=None, metadata=_help("Override α₀ at generation time (the forgetting dial)."))
-    alpha_tilde: float | None = field(default=None, metadata=_help("Override α̃ at generation time."))
-    seed: int | None = field(default=None, metadata=_help("Seed for sampling; None draws fresh randomness."))
+    max_new_tokens: int = field(default=128, metadata=_help("Tokens to generate at most, >= 1.", number(1, integer=True)))
+    min_new_tokens: int = field(default=0, metadata=_help("Tokens to generate before EOS may end a row, in [0, max_new_tokens].", number(0, integer=True)))
+    temperature: float = field(default=0.0, metadata=_help("Sampling temperature >= 0 on top of α̃; 0 is greedy.", number(0)))
+    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass in (0, 1]; 1 keeps every token.", number(0, 1, low_open=True)))
+    alpha_0: float | None = field(default=None, metadata=_help("Override α₀ at generation time (the forgetting dial).", optional(number(0, MAX_SCALE, low_open=True))))
+    alpha_tilde: float | None = field(default=None, metadata=_help("Override α̃ at generation time.", optional(number(0, MAX_SCALE, low_open=True))))
+    seed: int | None = field(default=None, metadata=_help("Seed for sampling; None draws fresh randomness.", optional(number(0, 2**64 - 1, integer=True))))
     weights: dict[str, float] | None = field(
         default=None,
         metadata={
@@ -243,18 +249,9 @@ class DecodeConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+        check_fields(self)
+        if self.min_new_tokens > self.max_new_tokens:
             raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # `not >=`: NaN fails every comparison
-            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        for name in ("alpha_0", "alpha_tilde"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
         for adapter, weight in (self.weights or {}).items():
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
                 raise ConfigError(f"weights: the weight of adapter {adapter!r} must be a finite number, got {weight!r}")
@@ -265,20 +262,20 @@ class ServeLimits:
     """What one client may ask of `qadapter serve` (see SECURITY.md, "Server")."""
 
     max_request_bytes: int = field(
-        default=4 * 2**20, metadata=_help("Largest request body in bytes; larger ones are answered 413 before they are read.")
+        default=4 * 2**20,
+        metadata=_help("Largest request body in bytes; larger ones are answered 413 before they are read.", number(1, integer=True)),
     )
     read_timeout: float = field(
         default=30.0,
-        metadata=_help("Seconds a client has to send a request's headers, and again its body; then the connection is closed (408 for a body)."),
+        metadata=_help(
+            "Seconds a client has to send a request's headers, and again its body; then the connection is closed (408 for a body).",
+            number(0, low_open=True),
+        ),
     )
-    max_stop_chars: int = field(default=256, metadata=_help("Longest `stop` string in characters; longer ones are answered 400."))
+    max_stop_chars: int = field(default=256, metadata=_help("Longest `stop` string in characters; longer ones are answered 400.", number(1, integer=True)))
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_stop_chars"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.read_timeout > 0 and math.isfinite(self.read_timeout)):
-            raise ConfigError(f"read_timeout must be a finite number of seconds > 0, got {self.read_timeout}")
+        check_fields(self)
 
 
 def field_help(config_cls: type, name: str) -> str:
