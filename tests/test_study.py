@@ -57,3 +57,15 @@ def test_matched_alignment_picks_the_closest_win_rate():
     picked = frontier.matched(setting)
     assert picked["qadapter"]["win_rate"] == 0.85 and picked["dpo"]["win_rate"] == 0.9
     assert frontier.retention_delta(picked["qadapter"], ["arc_easy"]) == -0.02
+
+
+def test_alignment_falls_back_to_preference_accuracy_until_generations_are_judged():
+    def point(acc: float, d: float, win: float | None = None) -> dict:
+        return {"knob": {}, "win_rate": win, "pref_accuracy": acc, "retention": {"arc_easy": {"delta": d, "delta_ci": [d - 0.01, d + 0.01], "mcnemar_p": 0.5}}}
+
+    setting = {"benchmarks": ["arc_easy"], "methods": {"dpo": {"points": [point(0.8, -0.04)]}, "qadapter": {"points": [point(0.6, 0.0), point(0.78, -0.01)]}}}
+    assert frontier.alignment_axis(setting) == "pref_accuracy"
+    assert frontier.matched(setting)["qadapter"]["pref_accuracy"] == 0.78
+    assert "closest to `dpo`'s held-out preference accuracy" in frontier.markdown({"settings": {"s": setting}})
+    setting["methods"]["qadapter"]["points"][0]["win_rate"] = 0.9  # one judged point switches the whole setting to win rate
+    assert frontier.alignment_axis(setting) == "win_rate"

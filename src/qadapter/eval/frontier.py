@@ -5,7 +5,8 @@ point is ``{"knob": {...}, "win_rate", "win_rate_ci", "pref_accuracy", "kl_to_ba
 "retention": {BENCH: {"n", "acc", "delta", "delta_ci", "mcnemar_p", "changed", "mde"}}}``. Every
 method is a curve across its knob (Q-Adapter's dial, DPO's decoding-time dial, DPO's weight
 interpolation); comparisons are made at matched alignment, i.e. at the point of each method whose
-judged win rate is closest to the reference method's (DPO, β = 0.1).
+judged win rate is closest to the reference method's (DPO, β = 0.1). Until the judged stage has run,
+alignment is read from held-out preference accuracy instead, and every table and plot says so.
 """
 
 from __future__ import annotations
@@ -23,17 +24,28 @@ def retention_delta(point: dict[str, Any], benches: list[str]) -> float | None:
     return sum(deltas) / len(deltas) if deltas and len(deltas) == len(benches) else None
 
 
+AXES = {"win_rate": "judged win rate vs base", "pref_accuracy": "held-out preference accuracy"}
+
+
+def alignment_axis(setting: dict[str, Any]) -> str:
+    """The measure alignment is read from: judged win rate once any point has one, else held-out
+    preference accuracy (available after the retention stage, before generations are judged)."""
+    points = [p for m in setting["methods"].values() for p in m["points"]]
+    return "win_rate" if any(p.get("win_rate") is not None for p in points) else "pref_accuracy"
+
+
 def matched(setting: dict[str, Any], reference: str = REFERENCE) -> dict[str, dict[str, Any]]:
-    """Each method's point whose win rate is closest to the reference method's first point."""
-    methods = setting["methods"]
-    target = next((p["win_rate"] for p in methods.get(reference, {}).get("points", []) if p.get("win_rate") is not None), None)
+    """Each method's point whose alignment (see :func:`alignment_axis`) is closest to the reference
+    method's first point."""
+    axis, methods = alignment_axis(setting), setting["methods"]
+    target = next((p[axis] for p in methods.get(reference, {}).get("points", []) if p.get(axis) is not None), None)
     if target is None:
         return {}
     out = {}
     for name, method in methods.items():
-        scored = [p for p in method["points"] if p.get("win_rate") is not None]
+        scored = [p for p in method["points"] if p.get(axis) is not None]
         if scored and name != "base":
-            out[name] = min(scored, key=lambda p: abs(p["win_rate"] - target))
+            out[name] = min(scored, key=lambda p: abs(p[axis] - target))
     return out
 
 
@@ -74,15 +86,15 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {method} | {_knob(p['knob'])} | {_pct(p.get('win_rate'))} | {'—' if kl is None else f'{kl:.3f}'} | "
                     f"{'—' if bpb is None else f'{bpb:+.4f}'} | {_pct(p.get('pref_accuracy'))} | " + " | ".join(_delta(ret.get(b)) for b in benches) + " |\n"
                 )
-        pairs = matched(setting)
+        pairs, axis = matched(setting), alignment_axis(setting)
         if pairs:
-            out.write(f"\n**At matched alignment** (each method's point closest to `{REFERENCE}`'s win rate):\n\n")
-            out.write("| method | knob | win rate | mean retention Δ | " + " | ".join(f"{b} Δ" for b in benches) + " |\n")
+            out.write(f"\n**At matched alignment** (each method's point closest to `{REFERENCE}`'s {AXES[axis]}):\n\n")
+            out.write(f"| method | knob | {AXES[axis]} | mean retention Δ | " + " | ".join(f"{b} Δ" for b in benches) + " |\n")
             out.write("|---|---|---|---|" + "---|" * len(benches) + "\n")
             for method, p in pairs.items():
                 mean = retention_delta(p, benches)
                 out.write(
-                    f"| {method} | {_knob(p['knob'])} | {_pct(p['win_rate'])} | {'—' if mean is None else f'{100 * mean:+.2f}'} | "
+                    f"| {method} | {_knob(p['knob'])} | {_pct(p[axis])} | {'—' if mean is None else f'{100 * mean:+.2f}'} | "
                     + " | ".join(_delta(p.get("retention", {}).get(b)) for b in benches) + " |\n"
                 )
         out.write("\n")
@@ -90,20 +102,20 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(setting: dict[str, Any], path: Path, title: str) -> None:
-    """Two panels: mean retention Δ vs judged win rate (one curve per method across its knob, with the
-    mean's 95% interval as error bars), and KL to base vs win rate."""
+    """Two panels: mean retention Δ vs alignment (one curve per method across its knob, with the mean's
+    95% interval as error bars), and KL to base vs alignment; see :func:`alignment_axis`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    benches = setting.get("benchmarks", [])
+    benches, axis = setting.get("benchmarks", []), alignment_axis(setting)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for method, entry in setting["methods"].items():
-        points = sorted((p for p in entry["points"] if p.get("win_rate") is not None), key=lambda p: p["win_rate"])
+        points = sorted((p for p in entry["points"] if p.get(axis) is not None), key=lambda p: p[axis])
         if not points or method == "base":
             continue
-        xs = [100 * p["win_rate"] for p in points]
+        xs = [100 * p[axis] for p in points]
         ys = [retention_delta(p, benches) for p in points]
         if all(y is not None for y in ys):
             # half-width of the mean's 95% interval, the benchmarks' items being independent: sqrt(Σ hᵢ²) / k
@@ -113,8 +125,8 @@ def plot(setting: dict[str, Any], path: Path, title: str) -> None:
         if all(k is not None for k in kls):
             right.plot(xs, kls, marker="o", label=method)
     left.axhline(0, color="grey", lw=0.8)
-    left.set(xlabel="judged win rate vs base (%)", ylabel="mean retention Δ vs base (points)", title=f"{title}: retention vs alignment")
-    right.set(xlabel="judged win rate vs base (%)", ylabel="KL(π ‖ base) per token", yscale="log", title=f"{title}: KL vs alignment")
+    left.set(xlabel=f"{AXES[axis]} (%)", ylabel="mean retention Δ vs base (points)", title=f"{title}: retention vs alignment")
+    right.set(xlabel=f"{AXES[axis]} (%)", ylabel="KL(π ‖ base) per token", yscale="log", title=f"{title}: KL vs alignment")
     for ax in (left, right):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
