@@ -303,7 +303,7 @@ def markdown(report: dict[str, Any]) -> str:
         "| phase | requests | failed | latency p50 / p95 / mean, ms |", "|---|---|---|---|",
         *(f"| {name} | {p['requests']} | {p['failed']} | {ms(p['latency_p50_s'])} / {ms(p['latency_p95_s'])} / {ms(p['latency_mean_s'])} |"
           for name, p in (("idle", idle), ("abused", abused))), "",
-        f"**Ratio abused / idle: p50 {ratio:.2f}×, p95 {report['ratio_p95']:.2f}×** (target ≤ 2×: {'met' if ratio <= 2 else 'NOT met'}).", "",
+        f"**Ratio abused / idle: p50 {ratio:.2f}×, p95 {report['ratio_p95']:.2f}×** (target ≤ 2× for both: {'met' if max(ratio, report['ratio_p95']) <= 2 else 'NOT met'}).", "",
         "| abuser | what it got |", "|---|---|",
         *(f"| {name} | {json.dumps(outcome)} |" for name, outcome in report["abusers"].items()), "",
     ]
