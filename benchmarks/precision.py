@@ -1,7 +1,10 @@
 """float32 against bf16 on this machine, side by side in one run: speed of a training step, a
 preference evaluation and decoding, and whether bf16 scoring changes any conclusion.
 
-    python benchmarks/precision.py [--items 500] [--pairs 48] [--repeats 3] [--out benchmarks/results]
+    python benchmarks/precision.py [--items 500] [--pairs 48] [--repeats 3] [--workers train-qadapter,decode] [--out benchmarks/results]
+
+On a CPU without native bf16 (AVX2) bf16 is emulated and every bf16 worker is many times slower
+(there, `--workers train-qadapter` keeps the run short: 'auto' never picks bf16 on such a CPU anyway).
 
 Speed: benchmarks/bench.py's qadapter training-step and decode workers, each run once with 'auto'
 forced to float32 and once to bf16 (QADAPTER_AUTO_PRECISION), in their own processes; the
@@ -38,7 +41,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="precision-") as tmp:
         for precision in PRECISIONS:
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false", QADAPTER_AUTO_PRECISION=precision)
-            out[precision] = {name: bench.run_worker_process(worker_args, name, "bundled", env, Path(tmp)) for name in ("train-qadapter", "decode")}
+            out[precision] = {name: bench.run_worker_process(worker_args, name, "bundled", env, Path(tmp)) for name in args.workers}
     return out
 
 
@@ -89,14 +92,14 @@ def scoring(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     s, c = report["speed"], report["scoring"]
-    step = {p: s[p]["train-qadapter"]["seconds_per_pair"]["median"] * 4 for p in PRECISIONS}
+    step = {p: s[p]["train-qadapter"]["seconds_per_pair"]["median"] * 4 for p in PRECISIONS}  # bench.py's 4 pairs per step
     rows = [
         ("training step (4 pairs, s)", step["no"], step["bf16"]),
         ("preference evaluation (s per pair)", c["preference"]["no"]["seconds_per_pair"], c["preference"]["bf16"]["seconds_per_pair"]),
         ("retention scoring (s per item, base + adapter)", c["retention"]["seconds_per_item"]["no"], c["retention"]["seconds_per_item"]["bf16"]),
-        ("decode batch 1, customized (tok/s)", *(s[p]["decode"]["batch1"]["customized_tokens_per_s"]["median"] for p in PRECISIONS)),
-        ("decode batch 8, customized (tok/s)", *(s[p]["decode"]["batch8"]["customized_tokens_per_s"]["median"] for p in PRECISIONS)),
     ]
+    if "decode" in s["no"]:
+        rows += [(f"decode batch {b}, customized (tok/s)", *(s[p]["decode"][f"batch{b}"]["customized_tokens_per_s"]["median"] for p in PRECISIONS)) for b in (1, 8)]
     lines = [f"# float32 vs bf16 — {report['machine']['cpu']} ({report['cpu_bf16']})", "", "| measure | float32 | bf16 | bf16 / float32 |", "|---|---|---|---|"]
     lines += [f"| {name} | {a:.3g} | {b:.3g} | {b / a:.2f} |" for name, a, b in rows]
     agree = c["retention"]["agreement"]
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=500)
     parser.add_argument("--pairs", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=lambda text: text.split(","), default=["train-qadapter", "decode"], help="bench.py workers timed in each precision")
     parser.add_argument("--out", type=Path, default=bench.REPO / "benchmarks" / "results")
     args = parser.parse_args()
     from qadapter.hardware import cpu_has_native_bf16
