@@ -48,7 +48,7 @@ def scoring(args: argparse.Namespace) -> dict[str, Any]:
     from qadapter.config import QAdapterConfig
     from qadapter.data import data_file, default_data_dir, read_records, split_by_prompt
     from qadapter.eval.benchmarks import load_benchmark
-    from qadapter.eval.preference import evaluate_preferences_at
+    from qadapter.preference_eval import evaluate_preferences_at
     from qadapter.eval.retention import PolicySpec, choice_logliks
     from qadapter.model import QAdapterModel, load_base
 

@@ -11,7 +11,7 @@ from qadapter.collate import tokenize_records
 from qadapter.config import QAdapterConfig
 from qadapter.data import read_records
 from qadapter.eval.benchmarks import ChoiceItem
-from qadapter.eval.preference import evaluate_preferences_at
+from qadapter.preference_eval import evaluate_preferences_at
 from qadapter.eval.retention import PolicySpec, choice_logliks
 from qadapter.hardware import AUTO_PRECISION_ENV, choose_mixed_precision, precision_name
 from qadapter.model import QAdapterModel, load_base

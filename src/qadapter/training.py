@@ -24,14 +24,15 @@ from typing import Any
 import torch
 
 from . import objective
-from .checkpoint import latest_checkpoint, load_adapter, load_trainer_state, restore_trainer_state, rng_state, save_adapter, save_checkpoint, write_json_atomic
+from .atomic import write_json_atomic
+from .checkpoint import latest_checkpoint, load_trainer_state, restore_trainer_state, rng_state, save_adapter, save_checkpoint
 from .collate import TokenizedPair, collate_pairs, prompt_grouped_batches, tokenize_records
 from .config import QAdapterConfig
 from .data import PreferenceRecord
 from .errors import ConfigError, DataError, QAdapterError
-from .eval.preference import PreferenceEval, evaluate_preferences
+from .preference_eval import PreferenceEval, evaluate_preferences
 from .hardware import EVAL_PRECISION, choose_mixed_precision, default_device, precision_name, release_accelerator_precision
-from .model import BUNDLED, LoadedBase, QAdapterModel, load_base
+from .model import BUNDLED, LoadedBase, QAdapterModel, load_adapter, load_base
 from .progress import Progress
 from .run_folder import claimed
 

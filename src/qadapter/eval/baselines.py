@@ -51,7 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_dir, write_adapter_files, write_json_atomic
+from ..atomic import atomic_dir, write_json_atomic
+from ..checkpoint import write_adapter_files
 from ..config import DecodeConfig, QAdapterConfig
 from ..data import Message, PreferenceRecord, Turns, data_file, default_data_dir, read_records
 from ..errors import ConfigError, DataError

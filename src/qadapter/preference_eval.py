@@ -1,4 +1,5 @@
-"""Held-out preference accuracy of the implicit reward R = Σ r₂ (arXiv 2407.03856 Eq. 9)."""
+"""Held-out preference accuracy of the implicit reward R = Σ r₂ (arXiv 2407.03856 Eq. 9): what training
+reports while it runs, and what evaluation compares across methods and dial settings."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import Any, Callable
 
 import torch
 
-from .. import objective
-from ..collate import TokenizedPair, collate_pairs, prompt_grouped_batches
-from ..hardware import EVAL_PRECISION, MixedPrecision, autocast
+from . import objective
+from .collate import TokenizedPair, collate_pairs, prompt_grouped_batches
+from .hardware import EVAL_PRECISION, MixedPrecision, autocast
 
 
 @dataclass
