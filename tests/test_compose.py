@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from qadapter.config import DecodeConfig, QAdapterConfig
+from qadapter.config import DecodeConfig, Dial, QAdapterConfig
 from qadapter.data import read_records
 from qadapter.decode import BASE, DecodeBatch, customized_logits, encode_prompts, generate_ids, mixture
 from qadapter.errors import ConfigError, ModelError
@@ -60,7 +60,7 @@ def test_composition_loads_both_adapters_on_one_base(composed):
 def test_composed_logits_equal_formula_from_separate_passes(composed, weights, alpha_0, alpha_tilde, float32):
     """One mixed-batch forward ([a rows; b rows; base rows], one cache) gives the policy of the formula computed from three separate passes."""
     ids, mask = encode_prompts(composed.tokenizer, PROMPTS)
-    policy = mixture(composed, DecodeConfig(weights=weights, alpha_0=alpha_0, alpha_tilde=alpha_tilde))
+    policy = mixture(composed, Dial(weights=weights, alpha_0=alpha_0, alpha_tilde=alpha_tilde))
     assert policy.passes == ("a", "b", BASE)
     with torch.no_grad():
         got = DecodeBatch(composed).add(ids, mask, [policy] * len(PROMPTS))
@@ -88,19 +88,19 @@ def test_base_pass_is_skipped_only_when_it_cancels(composed, float32):
     ids, mask = encode_prompts(composed.tokenizer, PROMPTS)
     passes = _separate_passes(composed, ids, mask)
     for weights, alpha_0 in (({"a": 1.0, "b": 0.0}, 1.0), ({"a": 0.5, "b": 2.0}, 0.5)):
-        policy = mixture(composed, DecodeConfig(weights=weights, alpha_0=alpha_0, alpha_tilde=1.3))
+        policy = mixture(composed, Dial(weights=weights, alpha_0=alpha_0, alpha_tilde=1.3))
         assert BASE not in policy.passes and ("b" in policy.passes) == (weights["b"] != 0)
         with torch.no_grad():
             got = DecodeBatch(composed).add(ids, mask, [policy] * len(PROMPTS))
         assert_close(F.log_softmax(got, -1), F.log_softmax(_formula(passes, weights, alpha_0, 1.3), -1), atol=1e-4, rtol=1e-4)
-    assert mixture(composed, DecodeConfig(alpha_0=0.5)).passes == ("a", "b", BASE)
+    assert mixture(composed, Dial(alpha_0=0.5)).passes == ("a", "b", BASE)
     assert customized_logits({BASE: passes[BASE]}, mixture(composed, policy="base")).argmax(-1).equal(passes[BASE].argmax(-1))
 
 
 def test_bad_weights_and_names_are_refused(composed, adapter_dirs):
     """Unknown adapters and non-finite weights name the problem; adapter names may not clash with model ids."""
     with pytest.raises(ConfigError, match="no adapter named c"):
-        mixture(composed, DecodeConfig(weights={"c": 1.0}))
+        mixture(composed, Dial(weights={"c": 1.0}))
     with pytest.raises(ConfigError, match="finite"):
         DecodeConfig(weights={"a": float("nan")})
     with pytest.raises(ConfigError, match="adapter name"):
@@ -125,7 +125,7 @@ def _marker_margins(qm, weights: dict[str, float], contexts: list[str]) -> dict[
             for c in contexts for lead in ("", "the cat ", "it was very ")]
     ids, mask = encode_prompts(tok, rows, chat=False)
     with torch.no_grad():
-        logp = F.log_softmax(DecodeBatch(qm).add(ids, mask, [mixture(qm, DecodeConfig(weights=weights))] * len(rows)), -1)
+        logp = F.log_softmax(DecodeBatch(qm).add(ids, mask, [mixture(qm, Dial(weights=weights))] * len(rows)), -1)
     vocab = tok.get_vocab()
     return {w: (logp[:, vocab[w]] - logp[:, vocab[v]]).mean().item() for w, v in (("good", "bad"), ("yes", "no"))}
 

@@ -242,7 +242,7 @@ def test_shared_contexts_equal_scoring_each_option_whole(qmodel, hidden_path):
             with torch.no_grad():
                 passes = qmodel.passes(ids, torch.ones_like(ids))
                 for policy in policies:
-                    terms = passes.terms(completion, policy.alpha_0, policy.alpha_tilde)
+                    terms = passes.terms(completion, policy.dial)
                     whole = ((terms.base_logp if policy.base else terms.policy_logp) * terms.action_mask).sum().item()
                     assert shared[policy.name][i][j] == pytest.approx(whole, abs=2e-5), (policy.name, i, j)
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from .config import ADAPTER_NAME, DecodeConfig, QAdapterConfig, ServeLimits
+from .config import ADAPTER_NAME, SCALE, DecodeConfig, QAdapterConfig, ServeLimits
 from .data import data_file, default_data_dir, first_prompts
 from .errors import ConfigError, QAdapterError
 
@@ -304,8 +304,9 @@ def _alphas(sweep: str) -> list[float]:
         values = [float(a) for a in sweep.split(",") if a.strip()]
     except ValueError:
         raise ConfigError(f"--sweep: expected comma-separated numbers, got {sweep!r}") from None
-    if any(not v > 0 for v in values):
-        raise ConfigError(f"--sweep: every α₀ must be > 0, got {sweep!r}")
+    expected = next(filter(None, map(SCALE, values)), None)  # the α₀ check of every config
+    if expected:
+        raise ConfigError(f"--sweep: every α₀ must be {expected}, got {sweep!r}")
     return values
 
 
@@ -490,12 +491,11 @@ def generate(
             console.print(text, markup=False, highlight=False)
         return
     base_answers = run_generate(qmodel, prompt, decode, policy="base", chat=chat)
-    alpha_0 = decode.alpha_0 or qmodel.config.alpha_0
-    alpha_tilde = decode.alpha_tilde or qmodel.config.alpha_tilde
+    dial = decode.dial.resolve(qmodel.adapters)
     for question, base_text, text in zip(prompt, base_answers, answers):
         table = Table(title=question, show_lines=True, expand=True)
         table.add_column("base")
-        table.add_column(f"customized (α₀={alpha_0:g}, α̃={alpha_tilde:g})")
+        table.add_column(f"customized (α₀={dial.alpha_0:g}, α̃={dial.alpha_tilde:g})")
         table.add_row(base_text, text)
         console.print(table)
 

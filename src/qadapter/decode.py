@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from . import objective
 from .collate import eos_ids as collate_eos_ids
 from .collate import pad_rows
-from .config import DecodeConfig
+from .config import DecodeConfig, Dial
 from .data import Message
-from .errors import ConfigError
 from .hardware import MixedPrecision, autocast, choose_mixed_precision
 from .model import position_ids
 from .sampling import sample_next
+from .vocab import base_coefficient, combined_hidden
 
 Policy = Literal["customized", "base"]
 Prompt = str | list[Message]
@@ -58,8 +58,9 @@ def eos_ids(qmodel: Any) -> list[int]:
 
 @dataclass(frozen=True)
 class Mixture:
-    """The policy one sequence decodes with, (Σ_i w_i·Q_i + α₀ log π₁)/α̃: (adapter name, w_i, Q form)
-    per adapter, and the dial. No adapters at α₀ = α̃ = 1 is the base policy itself."""
+    """The policy one sequence decodes with, (Σ_i w_i·Q_i + α₀ log π₁)/α̃: a resolved :class:`Dial` laid out
+    for decoding, (adapter name, w_i, Q form) per adapter of non-zero weight. No adapters at α₀ = α̃ = 1
+    is the base policy itself."""
 
     adapters: tuple[tuple[str, float, str], ...]
     alpha_0: float
@@ -67,29 +68,23 @@ class Mixture:
 
     @property
     def passes(self) -> tuple[str, ...]:
-        """The passes this policy reads: one per adapter, and the base unless its logits cancel. With
-        Q_i = a_i − b (residual) or a_i (raw), Σ w_i·Q_i + α₀ log softmax(b) = Σ w_i·a_i +
-        (α₀ − Σ_residual w_i)·b − const(row), so at α₀ = Σ_residual w_i (one residual adapter, weight 1,
-        α₀ = 1) no base pass is needed."""
+        """The passes this policy reads: one per adapter, and the base unless its logits cancel
+        (:func:`~qadapter.vocab.base_coefficient`)."""
         names = tuple(name for name, _, _ in self.adapters)
-        residual = sum(weight for _, weight, form in self.adapters if form == "residual")
-        return names if names and residual == self.alpha_0 else (*names, BASE)
+        cancels = base_coefficient(self.alpha_0, [(weight, form) for _, weight, form in self.adapters]) == 0
+        return names if names and cancels else (*names, BASE)
 
 
-def mixture(qmodel: Any, config: DecodeConfig = DecodeConfig(), policy: Policy = "customized") -> Mixture:
-    """The policy a call asks for: every loaded adapter at weight 1 unless ``config.weights`` says
-    otherwise (weight 0 leaves it out), at ``config``'s dial, else the (first) adapter's."""
+def mixture(qmodel: Any, dial: Dial = Dial(), policy: Policy = "customized") -> Mixture:
+    """The policy a call asks for: ``dial`` resolved against the loaded adapters (weight 0 leaves one
+    out), or the base policy."""
     if policy == "base":
         return Mixture((), 1.0, 1.0)
-    weights = config.weights or {}
-    unknown = sorted(set(weights) - set(qmodel.adapters))
-    if unknown:
-        raise ConfigError(f"weights: no adapter named {', '.join(unknown)} (loaded: {', '.join(qmodel.adapters)})")
-    chosen = {name: float(weights.get(name, 1.0)) for name in qmodel.adapters}
+    dial = dial.resolve(qmodel.adapters)
     return Mixture(
-        tuple((name, w, qmodel.adapters[name].q_form) for name, w in chosen.items() if w != 0),
-        qmodel.config.alpha_0 if config.alpha_0 is None else config.alpha_0,
-        qmodel.config.alpha_tilde if config.alpha_tilde is None else config.alpha_tilde,
+        tuple((name, w, qmodel.adapters[name].q_form) for name, w in dial.weights.items() if w != 0),  # type: ignore[union-attr]
+        dial.alpha_0,  # type: ignore[arg-type]
+        dial.alpha_tilde,  # type: ignore[arg-type]
     )
 
 
@@ -105,12 +100,10 @@ def customized_logits(logits: Mapping[str, torch.Tensor], mix: Mixture) -> torch
 
 def customized_hidden(hidden: Mapping[str, torch.Tensor], mix: Mixture) -> torch.Tensor:
     """For models whose logits are W·h: the final hidden state whose projection is the policy's
-    logits up to a constant per row, (Σ_i w_i·h_i + (α₀ − Σ_residual w_i)·h_base)/α̃ (see
-    :attr:`Mixture.passes`). ``hidden`` maps each pass to its (b, d) states. Returns (b, d)."""
-    h = sum((w * hidden[name] for name, w, _ in mix.adapters), torch.zeros_like(next(iter(hidden.values()))))
-    if BASE in hidden:
-        h = h + (mix.alpha_0 - sum(w for _, w, form in mix.adapters if form == "residual")) * hidden[BASE]
-    return h / mix.alpha_tilde
+    logits up to a constant per row, :func:`~qadapter.vocab.combined_hidden` / α̃. ``hidden`` maps each
+    pass to its (b, d) states. Returns (b, d)."""
+    adapters = [(hidden[name], w, form) for name, w, form in mix.adapters]
+    return combined_hidden(adapters, hidden.get(BASE), mix.alpha_0) / mix.alpha_tilde
 
 
 class DecodeBatch:
@@ -280,7 +273,7 @@ def generate_ids(
     pad = qmodel.tokenizer.pad_token_id
     eos = torch.tensor(eos_ids(qmodel), device=device)
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
-    policy_mix = mixture(qmodel, config, policy)
+    policy_mix = mixture(qmodel, config.dial, policy)
     batch = DecodeBatch(qmodel, precision)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     new_tokens = []

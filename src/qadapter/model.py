@@ -25,7 +25,7 @@ from .adapter_schema import check_rank, lora_config_from
 from .atomic import atomic_dir
 from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, BaseIdentity, check_adapter_names, check_base, check_fits, check_same_base, hub_revision, read_adapter, save_adapter
 from .collate import PreferenceBatch, SharedContexts
-from .config import QAdapterConfig
+from .config import Dial, QAdapterConfig
 from .errors import ModelError
 from .vocab import kl_from_hidden, taken_logprobs_from_hidden, token_terms_from_hidden
 
@@ -244,6 +244,12 @@ class QAdapterModel:
         """Every loaded adapter's settings by name, the active one first."""
         return {self.adapter_name: self.config, **self.companions}
 
+    def scales(self, dial: Dial) -> tuple[float, float]:
+        """(α₀, α̃) of ``dial`` with its blanks filled (:meth:`Dial.resolve`): what scoring, which reads the
+        active adapter's Q alone, needs of a dial."""
+        resolved = dial.resolve(self.adapters)
+        return resolved.alpha_0, resolved.alpha_tilde  # type: ignore[return-value]
+
     def save_pretrained(self, adapter_dir: str | Path) -> None:
         save_adapter(self, adapter_dir)
 
@@ -337,11 +343,9 @@ class QAdapterModel:
             length_normalize=cfg.length_normalize,
         )
 
-    def score(
-        self, batch: PreferenceBatch, module: Any = None, alpha_0: float | None = None, alpha_tilde: float | None = None
-    ) -> objective.TokenTerms:
+    def score(self, batch: PreferenceBatch, module: Any = None, dial: Dial = Dial()) -> objective.TokenTerms:
         """Per-action Q, V and log-policies for every sequence of ``batch``."""
-        return self.passes(batch.input_ids, batch.attention_mask, module).terms(batch.completion_mask, alpha_0, alpha_tilde)
+        return self.passes(batch.input_ids, batch.attention_mask, module).terms(batch.completion_mask, dial)
 
 
 @dataclass
@@ -356,11 +360,10 @@ class Passes:
     q: torch.Tensor | None = None
     base_logprobs: torch.Tensor | None = None
 
-    def terms(self, completion_mask: torch.Tensor, alpha_0: float | None = None, alpha_tilde: float | None = None) -> objective.TokenTerms:
-        """Per-action terms at (α₀, α̃), the adapter's own unless given (the dial needs no new forward)."""
+    def terms(self, completion_mask: torch.Tensor, dial: Dial = Dial()) -> objective.TokenTerms:
+        """Per-action terms of the active adapter's policy at ``dial``'s (α₀, α̃) (the dial needs no new forward)."""
         cfg = self.qmodel.config
-        alpha_0 = cfg.alpha_0 if alpha_0 is None else alpha_0
-        alpha_tilde = cfg.alpha_tilde if alpha_tilde is None else alpha_tilde
+        alpha_0, alpha_tilde = self.qmodel.scales(dial)
         if self.h_adapter is not None:
             return token_terms_from_hidden(
                 self.h_adapter,
@@ -374,11 +377,10 @@ class Passes:
             )
         return objective.token_terms(self.q, self.base_logprobs, self.input_ids, completion_mask, alpha_0, alpha_tilde)  # type: ignore[arg-type]
 
-    def kl_to_base(self, positions: torch.Tensor, alpha_0: float | None = None, alpha_tilde: float | None = None) -> torch.Tensor:
-        """KL(π̃ ‖ π₁) at the states where the (b, T) bool mask ``positions`` is set: (N,)."""
+    def kl_to_base(self, positions: torch.Tensor, dial: Dial = Dial()) -> torch.Tensor:
+        """KL(π̃ ‖ π₁) at the states where the (b, T) bool mask ``positions`` is set, π̃ at ``dial``: (N,)."""
         cfg = self.qmodel.config
-        alpha_0 = cfg.alpha_0 if alpha_0 is None else alpha_0
-        alpha_tilde = cfg.alpha_tilde if alpha_tilde is None else alpha_tilde
+        alpha_0, alpha_tilde = self.qmodel.scales(dial)
         if self.h_adapter is not None:
             weight = self.qmodel.peft_model.get_output_embeddings().weight
             return kl_from_hidden(

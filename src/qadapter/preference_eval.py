@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from . import objective
+from .config import Dial
 from .collate import TokenizedPair, collate_pairs, prompt_grouped_batches
 from .hardware import EVAL_PRECISION, MixedPrecision, autocast
 
@@ -38,25 +39,25 @@ def evaluate_preferences(
     on_batch: Callable[[int], None] | None = None,
 ) -> PreferenceEval:
     """Score every pair with the current adapter at its own (α₀, α̃); ``on_batch(n_pairs)`` reports progress."""
-    return evaluate_preferences_at(qmodel, pairs, [(None, None)], batch_size=batch_size, precision=precision, on_batch=on_batch)[0]
+    return evaluate_preferences_at(qmodel, pairs, [Dial()], batch_size=batch_size, precision=precision, on_batch=on_batch)[0]
 
 
 @torch.no_grad()
 def evaluate_preferences_at(
     qmodel: Any,
     pairs: list[TokenizedPair],
-    alphas: list[tuple[float | None, float | None]],
+    dials: list[Dial],
     *,
     batch_size: int = 8,
     precision: MixedPrecision = EVAL_PRECISION,
     keep_pairs: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[PreferenceEval]:
-    """One :class:`PreferenceEval` per (α₀, α̃) in ``alphas`` (None: the adapter's own), all from one
+    """One :class:`PreferenceEval` per dial in ``dials`` (its blanks: the adapter's own), all from one
     pair of forward passes per batch; ``keep_pairs`` adds each pair's margin, in the order of ``pairs``."""
     was_training = qmodel.training
     qmodel.set_training(False)
-    results: list[list[objective.PairObjective]] = [[] for _ in alphas]
+    results: list[list[objective.PairObjective]] = [[] for _ in dials]
     order: list[int] = []
     try:
         for index in prompt_grouped_batches(pairs, batch_size):
@@ -64,8 +65,8 @@ def evaluate_preferences_at(
             batch = collate_pairs([pairs[i] for i in index], qmodel.tokenizer.pad_token_id).to(qmodel.device)
             with autocast(qmodel.device, precision):
                 passes = qmodel.passes(batch.input_ids, batch.attention_mask)
-                for out, (alpha_0, alpha_tilde) in zip(results, alphas):
-                    out.append(qmodel.pair_objective(passes.terms(batch.completion_mask, alpha_0, alpha_tilde), batch))
+                for out, dial in zip(results, dials):
+                    out.append(qmodel.pair_objective(passes.terms(batch.completion_mask, dial), batch))
             if on_batch is not None:
                 on_batch(len(index))
     finally:

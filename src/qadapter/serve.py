@@ -55,7 +55,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .collate import pad_rows
-from .config import DecodeConfig, ServeLimits
+from .config import Dial, ServeLimits
 from .decode import DecodeBatch, Mixture, eos_ids, mixture, token_rows
 from .errors import ConfigError
 from .sampling import sample_next
@@ -550,7 +550,7 @@ def request_mixture(qmodel: Any, body: _Body) -> Mixture:
         raise APIError(400, f"adapter_weights names {', '.join(outside)}, which model {body.model!r} does not include", param="adapter_weights")
     weights = {name: (given.get(name, 1.0) if name in names else 0.0) for name in qmodel.adapters}
     try:
-        return mixture(qmodel, DecodeConfig(alpha_0=body.alpha_0, alpha_tilde=body.alpha_tilde, weights=weights))
+        return mixture(qmodel, Dial(body.alpha_0, body.alpha_tilde, weights))
     except ConfigError as exc:
         raise APIError(400, str(exc), param="adapter_weights" if str(exc).startswith("weights") else None) from None
 

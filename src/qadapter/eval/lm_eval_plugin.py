@@ -38,7 +38,6 @@ already loaded :class:`~qadapter.model.QAdapterModel` instead of loading ``adapt
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .. import objective
-from ..config import DecodeConfig
+from ..config import DecodeConfig, Dial
 from ..decode import generate_ids
 from ..hardware import EVAL_PRECISION, MixedPrecision, autocast
 
@@ -57,14 +56,12 @@ log = logging.getLogger(__name__)
 _SAMPLING_KWARGS = {"do_sample", "temperature", "top_p"}
 
 
-def _positive(name: str, value: Any) -> float:
+def _number(value: Any) -> Any:
+    """A model argument as a number where it reads as one; :class:`~qadapter.config.Dial` refuses the rest."""
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"qadapter: {name} must be a number > 0, got {value!r}") from None
-    if not (number > 0 and math.isfinite(number)):
-        raise ValueError(f"qadapter: {name} must be a finite number > 0, got {value!r}")
-    return number
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -153,8 +150,7 @@ class QAdapterLM(HFLM):
             raise ValueError("qadapter: the lm-eval model scores one adapter; load a single adapter, not a composition")
         self.qmodel = qmodel
         self.adapter = None if adapter is None else str(adapter)
-        self.alpha_0 = _positive("alpha_0", qmodel.config.alpha_0 if alpha_0 is None else alpha_0)
-        self.alpha_tilde = _positive("alpha_tilde", qmodel.config.alpha_tilde if alpha_tilde is None else alpha_tilde)
+        self.dial = Dial(_number(alpha_0), _number(alpha_tilde)).resolve(qmodel.adapters)
         if int(gen_chunk_tokens) < 1:
             raise ValueError(f"qadapter: gen_chunk_tokens must be >= 1, got {gen_chunk_tokens!r}")
         self.gen_chunk_tokens = int(gen_chunk_tokens)
@@ -163,6 +159,14 @@ class QAdapterLM(HFLM):
         # HFLM holds the transformers model (with the LoRA layers injected) and its tokenizer; every
         # forward it would run goes through the two overrides below instead.
         super().__init__(pretrained=qmodel.peft_model.get_base_model(), tokenizer=qmodel.tokenizer, backend="causal", **kwargs)
+
+    @property
+    def alpha_0(self) -> float:
+        return self.dial.alpha_0  # type: ignore[return-value]
+
+    @property
+    def alpha_tilde(self) -> float:
+        return self.dial.alpha_tilde  # type: ignore[return-value]
 
     # -- scoring ------------------------------------------------------------------------------
 

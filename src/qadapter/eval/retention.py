@@ -20,7 +20,7 @@ from typing import Any, TypedDict
 import torch
 
 from ..collate import pad_rows, pad_shared
-from ..config import DecodeConfig
+from ..config import DecodeConfig, Dial
 from ..hardware import EVAL_PRECISION, MixedPrecision, autocast
 from .benchmarks import ChoiceItem, GenerationItem, final_number
 
@@ -33,6 +33,11 @@ class PolicySpec:
     alpha_0: float | None = None
     alpha_tilde: float | None = None
     base: bool = False
+
+    @property
+    def dial(self) -> Dial:
+        """The customized policy's dial (blanks: the adapter's own); a base policy reads none."""
+        return Dial(self.alpha_0, self.alpha_tilde)
 
 
 def _encode(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -54,10 +59,8 @@ def _group(tokenizer: Any, context: str, continuations: Sequence[str], max_lengt
 def _is_adapted_model(qmodel: Any, policy: PolicySpec) -> bool:
     """Whether ``policy`` is the adapted model itself: a residual Q read at α₀ = α̃ = 1, the values as
     configured compared exactly (no arithmetic on them, so no rounding can make 1 out of 0.999…)."""
-    cfg = qmodel.config
-    alpha_0 = cfg.alpha_0 if policy.alpha_0 is None else policy.alpha_0
-    alpha_tilde = cfg.alpha_tilde if policy.alpha_tilde is None else policy.alpha_tilde
-    return not policy.base and cfg.q_form == "residual" and alpha_0 == 1 and alpha_tilde == 1
+    alpha_0, alpha_tilde = qmodel.scales(policy.dial)
+    return not policy.base and qmodel.config.q_form == "residual" and alpha_0 == 1 and alpha_tilde == 1
 
 
 @torch.no_grad()
@@ -100,7 +103,7 @@ def _response_logliks(
             else:
                 passes = qmodel.shared_passes(shared)
                 for policy in policies:
-                    terms = passes.terms(shared.completion_mask, policy.alpha_0, policy.alpha_tilde)
+                    terms = passes.terms(shared.completion_mask, policy.dial)
                     logp = terms.base_logp if policy.base else terms.policy_logp
                     scores[policy.name].extend((logp * terms.action_mask).sum(-1).float().cpu().tolist())
         if on_batch is not None:
@@ -199,7 +202,7 @@ def kl_to_base(
             passes = qmodel.passes(ids, attention)
             for policy in policies:
                 if not policy.base:
-                    sums[policy.name] += passes.kl_to_base(states, policy.alpha_0, policy.alpha_tilde).sum().item()
+                    sums[policy.name] += passes.kl_to_base(states, policy.dial).sum().item()
         count += int(states.sum())
     qmodel.set_training(was_training)
     return {name: (total / max(count, 1)) for name, total in sums.items()}

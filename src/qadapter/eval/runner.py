@@ -141,7 +141,7 @@ def run_method(
     def preferences() -> dict[str, Any]:
         task = bar.add(f"{method.name}: preferences", len(pairs))
         evals = evaluate_preferences_at(
-            qmodel, pairs, [(p.alpha_0, p.alpha_tilde) for p in scored], batch_size=plan.batch_size // 2, precision=plan.precision, on_batch=lambda k: bar.advance(task, k)
+            qmodel, pairs, [p.dial for p in scored], batch_size=plan.batch_size // 2, precision=plan.precision, on_batch=lambda k: bar.advance(task, k)
         )
         bar.remove(task)
         return {p.name: e.to_dict() for p, e in zip(scored, evals)}
