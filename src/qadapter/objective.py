@@ -250,7 +250,7 @@ def advantage_margin(
     return total[chosen_index] - total[rejected_index]
 
 
-def kl_to_base(policy_logits: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
+def kl_from_logits(policy_logits: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
     """KL(π̃ ‖ π₁) = Σ_a π̃(a|s) (log π̃(a|s) − log π₁(a|s)) per state: (..., V) → (...).
 
     How far the customized policy moved from the base: the forgetting the dial trades off."""

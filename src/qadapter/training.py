@@ -255,7 +255,7 @@ def train(
                     # the last of the `accum` micro-batches; backward() scales the loss by 1/accum.
                     with accelerator.accumulate(module):
                         with accelerator.autocast():
-                            out = qmodel.pair_objective(qmodel.score(batch, module=module), batch)
+                            out = qmodel.pair_objective(qmodel.token_terms(batch, module=module), batch)
                             loss = out.loss.mean()
                         finite &= bool(torch.isfinite(loss))  # a CPU-GPU sync point, once per micro-batch
                         accelerator.backward(loss)

@@ -101,9 +101,9 @@ def _response_logliks(
                 for policy in policies:
                     scores[policy.name].extend(logp)
             else:
-                passes = qmodel.shared_passes(shared)
+                outputs = qmodel.run_shared_passes(shared)
                 for policy in policies:
-                    terms = passes.terms(shared.completion_mask, policy.dial)
+                    terms = outputs.terms(shared.completion_mask, policy.dial)
                     logp = terms.base_logp if policy.base else terms.policy_logp
                     scores[policy.name].extend((logp * terms.action_mask).sum(-1).float().cpu().tolist())
         if on_batch is not None:
@@ -199,10 +199,10 @@ def kl_to_base(
         states = torch.zeros_like(completion, dtype=torch.bool)
         states[:, :-1] = completion[:, 1:].bool()  # the states from which response tokens are drawn
         with autocast(device, precision):
-            passes = qmodel.passes(ids, attention)
+            outputs = qmodel.run_passes(ids, attention)
             for policy in policies:
                 if not policy.base:
-                    sums[policy.name] += passes.kl_to_base(states, policy.dial).sum().item()
+                    sums[policy.name] += outputs.kl(states, policy.dial).sum().item()
         count += int(states.sum())
     qmodel.set_training(was_training)
     return {name: (total / max(count, 1)) for name, total in sums.items()}

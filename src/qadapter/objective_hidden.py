@@ -167,7 +167,7 @@ def kl_from_hidden(
     alpha_tilde: float,
     chunk: int = 256,
 ) -> torch.Tensor:
-    """:func:`qadapter.objective.kl_to_base` for logits = W h, row by row: (N, d), (N, d) → (N,).
+    """:func:`qadapter.objective.kl_from_logits` for logits = W h, row by row: (N, d), (N, d) → (N,).
 
     log π̃ = W h_c / α̃ − lse(W h_c / α̃) (the α₀ lse(W h_b) term is a per-state constant), log π₁ = log softmax(W h_b).
     """
