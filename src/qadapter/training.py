@@ -30,7 +30,7 @@ from .collate import TokenizedPair, collate_pairs, prompt_grouped_batches, token
 from .config import QAdapterConfig
 from .data import PreferenceRecord
 from .errors import ConfigError, DataError, QAdapterError
-from .preference_eval import PreferenceEval, evaluate_preferences
+from .preference_eval import PreferenceEval, evaluate_preferences, preference_accuracy
 from .hardware import EVAL_PRECISION, choose_mixed_precision, default_device, precision_name, release_accelerator_precision
 from .model import BUNDLED, LoadedBase, QAdapterModel, load_adapter, load_base
 from .progress import Progress
@@ -340,20 +340,19 @@ def _digest(*pair_lists: list[TokenizedPair]) -> str:
 
 def _window_metrics(window: list[objective.PairObjective], accelerator: Any) -> dict[str, float | None]:
     """Means over the pairs seen since the last log line, gathered from every process."""
-    def mean(name: str) -> float | None:  # over finite values: a skipped step must not write NaN into metrics.json
-        parts = [(o.chosen_rewards - o.rejected_rewards) if name == "margins" else getattr(o, name) for o in window]
+    def mean(parts: list[torch.Tensor]) -> float | None:  # over finite values: a skipped step must not write NaN into metrics.json
         values = accelerator.gather(torch.cat([p.detach().float().reshape(-1) for p in parts]))
         values = values[torch.isfinite(values)]
         return values.mean().item() if values.numel() else None
 
     return {
-        "loss": mean("loss"),
-        "bt_loss": mean("bt_loss"),
-        "penalty": mean("penalty"),
-        "rewards/accuracies": mean("accuracy"),
-        "rewards/chosen": mean("chosen_rewards"),
-        "rewards/rejected": mean("rejected_rewards"),
-        "rewards/margins": mean("margins"),
+        "loss": mean([o.loss for o in window]),
+        "bt_loss": mean([o.bt_loss for o in window]),
+        "penalty": mean([o.penalty for o in window]),
+        "rewards/accuracies": mean([preference_accuracy(o.chosen_rewards, o.rejected_rewards) for o in window]),
+        "rewards/chosen": mean([o.chosen_rewards for o in window]),
+        "rewards/rejected": mean([o.rejected_rewards for o in window]),
+        "rewards/margins": mean([o.chosen_rewards - o.rejected_rewards for o in window]),
     }
 
 
