@@ -9,12 +9,12 @@ from torch.testing import assert_close
 
 from qadapter.config import DecodeConfig, Dial, QAdapterConfig
 from qadapter.data import read_records
-from qadapter.decode import BASE, DecodeBatch, customized_logits, encode_prompts, generate_ids, mixture
+from qadapter.decode import BASE, DecodeBatch, customized_logits, encode_prompts, eos_ids, generate_ids, mixture, token_rows
 from qadapter.errors import ConfigError, ModelError
 from qadapter.model import QAdapterModel
 from qadapter.training import train
 
-from conftest import marker_records, random_adapter
+from conftest import engine_rows, marker_records, random_adapter, reference_generate
 
 PROMPTS = ["tell me about the cat", "why is the dog so big and red"]
 
@@ -67,6 +67,16 @@ def test_composed_logits_equal_formula_from_separate_passes(composed, weights, a
     expected = _formula(_separate_passes(composed, ids, mask), weights, alpha_0, alpha_tilde)
     # the engine may return the logits up to a constant per row (one projection of combined hidden states)
     assert_close(F.log_softmax(got, -1), F.log_softmax(expected, -1), atol=1e-4, rtol=1e-4)
+
+
+def test_composed_engine_equals_reference_decoder(composed, float32):
+    """Greedy decoding of a composition of two adapters (one residual, one raw) by the engine equals the
+    plain reference decoder's (a separate forward per adapter and for the base, no cache), prompt by prompt."""
+    dial = Dial(weights={"a": 1.0, "b": 0.5}, alpha_0=0.7, alpha_tilde=1.3)
+    ids, mask = encode_prompts(composed.tokenizer, PROMPTS)
+    out = generate_ids(composed, ids, mask, DecodeConfig(max_new_tokens=6, weights=dict(dial.weights), alpha_0=0.7, alpha_tilde=1.3))
+    expected = [reference_generate(composed, row, 6, dial) for row in token_rows(composed.tokenizer, PROMPTS)]
+    assert engine_rows(out, eos_ids(composed)) == expected
 
 
 def test_composed_greedy_decoding_equals_recomputation(composed):

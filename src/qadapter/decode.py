@@ -3,14 +3,18 @@
 The skeleton of nanoGPT's ``generate`` with the passes the policy reads (each adapter's and the
 base's) stacked as rows of one forward with one KV cache, and one combined-logits line. ``alpha_0``,
 ``alpha_tilde`` and the adapter ``weights`` can be overridden per call: the forgetting dial needs no
-retraining. :class:`DecodeBatch` is the step-wise engine under :func:`generate_ids`; the server drives
-it directly, with sequences joining and leaving between steps.
+retraining.
+
+One engine: :class:`DecodeBatch` runs the forwards, and :func:`decode_step` turns one step's logits
+into tokens for every running :class:`Stream` (EOS barred below its ``min_tokens``, one draw per
+sampling setting, EOS / stop strings / ``max_tokens`` ending it). :func:`generate_ids`, the server's
+scheduler and the lm-eval plugin all drive these two; they differ only in when sequences join and leave.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -258,6 +262,130 @@ def _join_caches(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch
     return DynamicCache(layers), torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in (mask, new_mask)])
 
 
+def _borders(pattern: str) -> list[int]:
+    """KMP's failure function: ``borders[i]`` is the length of the longest proper prefix of
+    ``pattern[: i + 1]`` that is also a suffix of it. O(len(pattern))."""
+    borders = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = borders[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        borders[i] = k
+    return borders
+
+
+class StopMatcher:
+    """Finds the first stop string in text that arrives in pieces, in time linear in the text.
+
+    One KMP automaton per stop string; its state, the longest prefix of that stop string that ends
+    the text so far, carries over between pieces, so a character costs amortized O(1) per stop
+    string however long the text or the stop strings. Only the end of the text that may still begin
+    a stop string (fewer than max(len(stop)) characters) is held back; the rest is released.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [stop for stop in stops if stop]
+        self.borders = [_borders(stop) for stop in self.stops]
+        self.state = [0] * len(self.stops)
+        self.held = ""  # the end of the text that may begin a stop string
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Append ``piece``; returns the text now certain (ending before the earliest-starting stop
+        string, if one has appeared) and whether one has."""
+        text = self.held + piece
+        cut: int | None = None
+        for i, (stop, borders) in enumerate(zip(self.stops, self.borders)):
+            k = self.state[i]
+            for end, char in enumerate(piece, len(self.held) + 1):
+                while k and stop[k] != char:
+                    k = borders[k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(stop):  # its first occurrence, so its earliest start
+                    cut = end - k if cut is None else min(cut, end - k)
+                    break
+            self.state[i] = k
+        if cut is not None:
+            return text[:cut], True
+        keep = len(text) - max(self.state, default=0)
+        self.held = text[keep:]
+        return text[:keep], False
+
+    def flush(self) -> str:
+        """The held-back text, once the text has ended without a stop string."""
+        held, self.held = self.held, ""
+        return held
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class Stream:
+    """One sequence being decoded: the policy it samples, how, until when, and what it has produced."""
+
+    mixture: Mixture
+    sampling: tuple[float, float]  # (temperature, top_p); temperature 0 is greedy
+    max_tokens: int
+    min_tokens: int = 0  # EOS is barred until this many tokens
+    stop: StopMatcher | None = None  # stop strings; None: the text is not followed (nothing is detokenized)
+    tokens: list[int] = field(default_factory=list)  # generated, EOS excluded
+    finish: str | None = None  # once it has ended: "stop" (EOS or a stop string), "length", or the caller's reason
+    window: tuple[int, int] = (0, 0)  # incremental detokenization: (prefix, read) offsets into `tokens`
+
+    def take(self, token: int, eos: Collection[int], tokenizer: Any) -> str:
+        """Append one sampled token and return the text it completes (with stop strings followed);
+        sets :attr:`finish` when the stream ends."""
+        if token in eos:
+            self.finish = "stop"
+            return self.stop.flush() if self.stop is not None else ""
+        self.tokens.append(token)
+        text, stopped = self.stop.feed(self._next_text(tokenizer)) if self.stop is not None else ("", False)
+        if stopped:
+            self.finish = "stop"
+        elif len(self.tokens) >= self.max_tokens:
+            self.finish = "length"
+            text += self.stop.flush() if self.stop is not None else ""
+        return text
+
+    def _next_text(self, tokenizer: Any) -> str:
+        """The text the newest token adds. Decoding a short window twice and keeping the difference
+        (as TGI does) keeps merges and multi-byte characters whole without re-decoding everything."""
+        prefix, read = self.window
+        before = tokenizer.decode(self.tokens[prefix:read], skip_special_tokens=True)
+        after = tokenizer.decode(self.tokens[prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # U+FFFD: an incomplete character
+            self.window = (read, len(self.tokens))
+            return after[len(before) :]
+        return ""
+
+
+def decode_step(
+    logits: torch.Tensor, streams: Sequence[Stream], eos: Sequence[int], pad: int, tokenizer: Any = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, list[str]]:
+    """The step every decoder drives: one token per stream from its row of ``logits``, (n, V) → (n,),
+    and the text each token completes. EOS is barred for streams below their ``min_tokens``; streams
+    sharing a sampling setting share one draw; a stream that had already ended gets ``pad`` and no text.
+    ``tokenizer`` is needed only for streams with stop strings."""
+    early = [i for i, s in enumerate(streams) if len(s.tokens) < s.min_tokens]
+    if early:
+        logits[torch.tensor(early, device=logits.device).unsqueeze(1), torch.tensor(list(eos), device=logits.device)] = float("-inf")
+    tokens = torch.empty(len(streams), dtype=torch.long, device=logits.device)
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i, s in enumerate(streams):
+        groups.setdefault(s.sampling, []).append(i)
+    for (temperature, top_p), rows in groups.items():
+        tokens[rows] = sample_next(logits[rows], temperature=temperature, top_p=top_p, generator=generator)
+    texts = []
+    for i, (s, token) in enumerate(zip(streams, tokens.tolist())):  # one CPU-GPU sync per step
+        if s.finish is not None:
+            tokens[i] = pad
+            texts.append("")
+        else:
+            texts.append(s.take(token, eos, tokenizer))
+    return tokens, texts
+
+
 @torch.no_grad()
 def generate_ids(
     qmodel: Any,
@@ -268,29 +396,26 @@ def generate_ids(
     precision: MixedPrecision | None = None,
 ) -> torch.Tensor:
     """New token ids, (b, T) → (b, n ≤ max_new_tokens), rows padded after their EOS; ``precision``
-    as :class:`DecodeBatch`."""
-    device = qmodel.device
-    pad = qmodel.tokenizer.pad_token_id
-    eos = torch.tensor(eos_ids(qmodel), device=device)
-    generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
+    as :class:`DecodeBatch`. Ended rows stay in the batch (feeding padding nobody reads), so a seeded
+    draw does not depend on when the other rows end."""
+    generator = torch.Generator(device=qmodel.device).manual_seed(config.seed) if config.seed is not None else None
     policy_mix = mixture(qmodel, config.dial, policy)
+    streams = [
+        Stream(policy_mix, (config.temperature, config.top_p), config.max_new_tokens, config.min_new_tokens) for _ in range(input_ids.shape[0])
+    ]
+    eos, pad = eos_ids(qmodel), qmodel.tokenizer.pad_token_id
     batch = DecodeBatch(qmodel, precision)
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     new_tokens = []
     was_training = qmodel.training
     qmodel.set_training(False)  # PEFT's mixed batch refuses training mode
     try:
-        logits = batch.add(input_ids, attention_mask, [policy_mix] * input_ids.shape[0])  # (b, V)
-        for step in range(config.max_new_tokens):
-            if step < config.min_new_tokens:
-                logits = logits.index_fill(-1, eos, float("-inf"))
-            token = sample_next(logits, temperature=config.temperature, top_p=config.top_p, generator=generator)  # (b,)
-            token = token.masked_fill(finished, pad)
-            new_tokens.append(token)
-            finished |= torch.isin(token, eos)
-            if bool(finished.all()):
+        logits = batch.add(input_ids, attention_mask, [s.mixture for s in streams])  # (b, V)
+        while True:
+            tokens, _ = decode_step(logits, streams, eos, pad, generator=generator)  # (b,)
+            new_tokens.append(tokens)
+            if all(s.finish is not None for s in streams):
                 break
-            logits = batch.step(token)  # finished rows feed padding nobody reads
+            logits = batch.step(tokens)
     finally:
         qmodel.set_training(was_training)
     return torch.stack(new_tokens, dim=1)  # (b, n)

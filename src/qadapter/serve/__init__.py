@@ -3,7 +3,8 @@
 that decodes) and :mod:`~qadapter.serve.app` (the app, its limits and access checks)."""
 
 from .app import MAX_CHARS_PER_TOKEN, check_bind, context_window, create_app, model_ids, serve, server_config
-from .scheduler import Scheduler, StopMatcher
+from ..decode import StopMatcher
+from .scheduler import Scheduler
 from .schema import APIError, ChatBody, CompletionBody
 
 __all__ = [

@@ -51,9 +51,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..config import Dial, ServeLimits
-from ..decode import Mixture, mixture, token_rows
+from ..decode import Mixture, StopMatcher, Stream, mixture, token_rows
 from ..errors import ConfigError
-from .scheduler import Event, Job, Scheduler, StopMatcher
+from .scheduler import Event, Job, Scheduler
 from .schema import APIError, ChatBody, CompletionBody, _Body
 
 log = logging.getLogger("qadapter.serve")
@@ -381,7 +381,8 @@ def create_app(
         max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, room)
         if body.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens ({body.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
-        job = Job(ids, policy, (body.temperature, body.top_p), max_tokens, body.min_tokens, StopMatcher(stops), asyncio.get_running_loop())
+        stream = Stream(policy, (body.temperature, body.top_p), max_tokens, body.min_tokens, StopMatcher(stops))
+        job = Job(ids, stream, asyncio.get_running_loop())
         scheduler.submit(job)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:

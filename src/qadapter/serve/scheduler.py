@@ -1,5 +1,6 @@
 """The server's worker: one thread owns the model and decodes every running request as one
-:class:`~qadapter.decode.DecodeBatch`, one forward per step; requests join and leave between steps."""
+:class:`~qadapter.decode.DecodeBatch`, one forward per step, with the decoder's own
+:func:`~qadapter.decode.decode_step`; requests join and leave between steps."""
 
 from __future__ import annotations
 
@@ -7,15 +8,13 @@ import asyncio
 import logging
 import threading
 from collections import Counter, deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..collate import pad_rows
-from ..decode import DecodeBatch, Mixture, eos_ids
-from ..sampling import sample_next
+from ..decode import DecodeBatch, Stream, decode_step, eos_ids
 from .schema import APIError
 
 log = logging.getLogger("qadapter.serve")
@@ -32,93 +31,20 @@ class Event:
 
 @dataclass(eq=False)  # compared and hashed by identity
 class Job:
-    """One request on its way through the worker."""
+    """One request on its way through the worker: its prompt, the stream it decodes, where its events go."""
 
     prompt: list[int]
-    mixture: Mixture
-    sampling: tuple[float, float]  # (temperature, top_p)
-    max_tokens: int
-    min_tokens: int
-    stop: StopMatcher
+    stream: Stream
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    tokens: list[int] = field(default_factory=list)  # generated, EOS excluded
-    window: tuple[int, int] = (0, 0)  # incremental detokenization: (prefix, read) offsets into `tokens`
     cancelled: bool = False  # set from the event loop when the client goes away
 
     def publish(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens), "total_tokens": len(self.prompt) + len(self.tokens)}
-
-    def decode_next(self, tokenizer: Any) -> str:
-        """The text the newest token adds. Decoding a short window twice and keeping the difference
-        (as TGI does) keeps merges and multi-byte characters whole without re-decoding everything."""
-        prefix, read = self.window
-        before = tokenizer.decode(self.tokens[prefix:read], skip_special_tokens=True)
-        after = tokenizer.decode(self.tokens[prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):  # U+FFFD: an incomplete character
-            self.window = (read, len(self.tokens))
-            return after[len(before) :]
-        return ""
-
-
-def _borders(pattern: str) -> list[int]:
-    """KMP's failure function: ``borders[i]`` is the length of the longest proper prefix of
-    ``pattern[: i + 1]`` that is also a suffix of it. O(len(pattern))."""
-    borders = [0] * len(pattern)
-    k = 0
-    for i in range(1, len(pattern)):
-        while k and pattern[i] != pattern[k]:
-            k = borders[k - 1]
-        if pattern[i] == pattern[k]:
-            k += 1
-        borders[i] = k
-    return borders
-
-
-class StopMatcher:
-    """Finds the first stop string in text that arrives in pieces, in time linear in the text.
-
-    One KMP automaton per stop string; its state, the longest prefix of that stop string that ends
-    the text so far, carries over between pieces, so a character costs amortized O(1) per stop
-    string however long the text or the stop strings. Only the end of the text that may still begin
-    a stop string (fewer than max(len(stop)) characters) is held back; the rest is released.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [stop for stop in stops if stop]
-        self.borders = [_borders(stop) for stop in self.stops]
-        self.state = [0] * len(self.stops)
-        self.held = ""  # the end of the text that may begin a stop string
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Append ``piece``; returns the text now certain (ending before the earliest-starting stop
-        string, if one has appeared) and whether one has."""
-        text = self.held + piece
-        cut: int | None = None
-        for i, (stop, borders) in enumerate(zip(self.stops, self.borders)):
-            k = self.state[i]
-            for end, char in enumerate(piece, len(self.held) + 1):
-                while k and stop[k] != char:
-                    k = borders[k - 1]
-                if stop[k] == char:
-                    k += 1
-                if k == len(stop):  # its first occurrence, so its earliest start
-                    cut = end - k if cut is None else min(cut, end - k)
-                    break
-            self.state[i] = k
-        if cut is not None:
-            return text[:cut], True
-        keep = len(text) - max(self.state, default=0)
-        self.held = text[keep:]
-        return text[:keep], False
-
-    def flush(self) -> str:
-        """The held-back text, once the text has ended without a stop string."""
-        held, self.held = self.held, ""
-        return held
+        done = len(self.stream.tokens)
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": done, "total_tokens": len(self.prompt) + done}
 
 
 class Scheduler:
@@ -132,7 +58,7 @@ class Scheduler:
     def __init__(self, qmodel: Any, max_batch_size: int = 32, max_queue: int = 256) -> None:
         self.qmodel = qmodel
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        self.eos = eos_ids(qmodel)
+        self.eos, self.pad = eos_ids(qmodel), qmodel.tokenizer.pad_token_id
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []  # in the batch, in its order; touched by the worker only
         self.left: Counter[str] = Counter()  # jobs that left the batch, by why: "stop", "length", "cancelled"
@@ -180,16 +106,22 @@ class Scheduler:
                 break
             try:
                 if joining:
-                    ids, mask, _ = pad_rows([(job.prompt, []) for job in joining], self.qmodel.tokenizer.pad_token_id, "left")
-                    new = batch.add(ids, mask, [job.mixture for job in joining])  # (joining, V)
+                    ids, mask, _ = pad_rows([(job.prompt, []) for job in joining], self.pad, "left")
+                    new = batch.add(ids, mask, [job.stream.mixture for job in joining])  # (joining, V)
                     logits = new if logits is None else torch.cat([logits, new])
                     self.running = self.running + joining
-                tokens = self._sample(logits, self.running)  # (running,)
+                for job in self.running:
+                    if job.cancelled:  # leaves without a token; nobody reads its events any more
+                        job.stream.finish = "cancelled"
+                # the worker's own tokenizer: prompts are encoded with copies
+                tokens, texts = decode_step(logits, [job.stream for job in self.running], self.eos, self.pad, self.qmodel.tokenizer)
                 alive = []
-                for i, (job, token) in enumerate(zip(self.running, tokens.tolist())):
-                    reason = self._advance(job, token)
-                    if reason:
-                        self.left[reason] += 1
+                for i, (job, text) in enumerate(zip(self.running, texts)):
+                    finish = job.stream.finish
+                    if finish != "cancelled" and (text or finish):
+                        job.publish(Event(text, finish))
+                    if finish:
+                        self.left[finish] += 1
                     else:
                         alive.append(i)
                 batch.keep(alive)
@@ -202,33 +134,3 @@ class Scheduler:
                 batch, logits, self.running = DecodeBatch(self.qmodel), None, []
         for job in self.running + list(self.waiting):
             job.publish(Event(error="the server is shutting down"))
-
-    def _sample(self, logits: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
-        """One token per job, (n, V) → (n,): EOS barred below ``min_tokens``; one draw per sampling setting."""
-        early = [i for i, job in enumerate(jobs) if len(job.tokens) < job.min_tokens]
-        if early:
-            logits[torch.tensor(early, device=logits.device).unsqueeze(1), torch.tensor(self.eos, device=logits.device)] = float("-inf")
-        tokens = torch.empty(len(jobs), dtype=torch.long, device=logits.device)
-        groups: dict[tuple[float, float], list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(job.sampling, []).append(i)
-        for (temperature, top_p), rows in groups.items():
-            tokens[rows] = sample_next(logits[rows], temperature=temperature, top_p=top_p)
-        return tokens
-
-    def _advance(self, job: Job, token: int) -> str | None:
-        """Take one sampled token and publish the text it completes; returns why the job leaves, if it does."""
-        if job.cancelled:
-            return "cancelled"
-        if token in self.eos:
-            text, finish = job.stop.flush(), "stop"
-        else:
-            job.tokens.append(token)
-            piece = job.decode_next(self.qmodel.tokenizer)  # the worker's own: prompts are encoded with copies
-            text, stopped = job.stop.feed(piece)
-            finish = "stop" if stopped else "length" if len(job.tokens) >= job.max_tokens else None
-            if finish == "length":
-                text += job.stop.flush()
-        if text or finish:
-            job.publish(Event(text, finish))
-        return finish
