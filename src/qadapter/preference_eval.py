@@ -3,19 +3,24 @@ reports while it runs, and what evaluation compares across methods and dial sett
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import objective
 from .config import Dial
-from .collate import TokenizedPair, collate_pairs, prompt_grouped_batches
+from .collate import TokenizedPair, collate_pairs, prompt_grouped_batches, tokenize_pair
+from .data import PreferenceRecord, Turns
+from .errors import DataError
 from .hardware import EVAL_PRECISION, MixedPrecision, autocast
 
 
 @dataclass
 class PreferenceEval:
+    """Held-out preference results of one policy, summed over the pairs."""
+
     accuracy: float  # chosen ranked above rejected; ties (|margin| <= 1e-3 nats) count 1/2
     n_pairs: int
     ties: int
@@ -39,7 +44,6 @@ def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Te
     diff = chosen_rewards - rejected_rewards
     tie = diff.abs() <= tie_tolerance
     return (diff > 0).to(diff.dtype) * ~tie + 0.5 * tie.to(diff.dtype)
-
 
 
 @torch.no_grad()
@@ -108,3 +112,71 @@ def summarize(results: list[objective.PairObjective]) -> PreferenceEval:
         chosen_reward_mean=chosen.mean().item(),
         rejected_reward_mean=rejected.mean().item(),
     )
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """One pair's result under one policy, with what a user slices by: the record's prompt, origin and category."""
+
+    index: int  # the record's position in the records given
+    prompt: Turns
+    origin: str  # "file:line" where the record came from
+    category: str | None
+    margin: float  # R(chosen) − R(rejected), nats
+    score: float  # 1 chosen ranked above rejected, 0 below, 0.5 a tie (as :func:`preference_accuracy`)
+
+
+def preference_pairs(
+    qmodel: Any,
+    records: Sequence[PreferenceRecord],
+    dial: Dial = Dial(),
+    *,
+    categories: Sequence[str | None] | None = None,
+    batch_size: int = 8,
+    precision: MixedPrecision = EVAL_PRECISION,
+) -> list[PairResult]:
+    """Per-pair preference results of the customized policy at ``dial`` (blanks: the adapter's own), one
+    per record that fits the adapter's ``max_length``/``max_prompt_length`` (the others are left out, as
+    in training), in record order. ``categories``: a label per record, carried into its result, so
+    that :func:`by_category` (or any grouping) can slice the results.
+
+    Example::
+
+        pairs = preference_pairs(qmodel, records, categories=[r["topic"] for r in rows])
+        by_category(pairs)  # {"code": {"accuracy": 0.81, "n_pairs": 52, "margin_mean": 1.3}, ...}
+    """
+    if categories is not None and len(categories) != len(records):
+        raise DataError(f"categories has {len(categories)} labels for {len(records)} records")
+    extra_eos = getattr(qmodel.peft_model.generation_config, "eos_token_id", None)
+    kept: list[int] = []
+    pairs: list[TokenizedPair] = []
+    for i, record in enumerate(records):
+        try:
+            pairs.append(tokenize_pair(record, qmodel.tokenizer, qmodel.config.max_length, qmodel.config.max_prompt_length, extra_eos))
+        except DataError:  # too long to score after truncation
+            continue
+        kept.append(i)
+    if not pairs:
+        return []
+    (result,) = evaluate_preferences_at(qmodel, pairs, [dial], batch_size=batch_size, precision=precision, keep_pairs=True)
+    margins = torch.tensor(result.margins)  # (n,)
+    scores = preference_accuracy(margins, torch.zeros_like(margins)).tolist()
+    return [
+        PairResult(i, records[i].prompt, records[i].origin, None if categories is None else categories[i], margin, score)
+        for i, margin, score in zip(kept, result.margins, scores)  # type: ignore[arg-type]
+    ]
+
+
+def by_category(results: Sequence[PairResult]) -> dict[str | None, dict[str, float]]:
+    """Accuracy, number of pairs and mean margin per category of :func:`preference_pairs`' results."""
+    groups: dict[str | None, list[PairResult]] = {}
+    for r in results:
+        groups.setdefault(r.category, []).append(r)
+    return {
+        category: {
+            "accuracy": sum(r.score for r in members) / len(members),
+            "n_pairs": len(members),
+            "margin_mean": sum(r.margin for r in members) / len(members),
+        }
+        for category, members in groups.items()
+    }
