@@ -236,7 +236,7 @@ def worker_train_qadapter(args: argparse.Namespace) -> dict[str, Any]:
         sync(device)
         started = time.perf_counter()
         with autocast(device, precision):
-            terms = qmodel.score(batch)
+            terms = qmodel.token_terms(batch)
             out = objective.pair_objective(terms, batch.chosen_index, batch.rejected_index, gamma=config.gamma, beta=config.beta,
                                            value_state=config.value_state, length_normalize=config.length_normalize)
             loss = out.loss.mean()

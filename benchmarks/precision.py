@@ -48,12 +48,12 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
 def scoring(args: argparse.Namespace) -> dict[str, Any]:
     """Preference evaluation (time and margins) and retention picks, float32 against bf16."""
     from qadapter.collate import tokenize_records
-    from qadapter.config import QAdapterConfig
+    from qadapter.config import Dial, QAdapterConfig
     from qadapter.data import data_file, default_data_dir, read_records, split_by_prompt
     from qadapter.eval.benchmarks import load_benchmark
-    from qadapter.eval.preference import evaluate_preferences_at
     from qadapter.eval.retention import PolicySpec, choice_logliks
     from qadapter.model import QAdapterModel, load_base
+    from qadapter.preference_eval import evaluate_preferences_at
 
     root = default_data_dir()
     base = load_base("bundled", device="cpu")
@@ -66,7 +66,7 @@ def scoring(args: argparse.Namespace) -> dict[str, Any]:
     pref: dict[str, Any] = {}
     for precision in PRECISIONS:
         started = time.perf_counter()
-        (result,) = evaluate_preferences_at(qmodel, pairs, [(None, None)], batch_size=8, precision=precision, keep_pairs=True)
+        (result,) = evaluate_preferences_at(qmodel, pairs, [Dial()], batch_size=8, precision=precision, keep_pairs=True)
         pref[precision] = {"seconds_per_pair": (time.perf_counter() - started) / len(pairs), "accuracy": result.accuracy, "margins": result.margins}
     margins = [(a, b) for a, b in zip(pref["no"].pop("margins"), pref["bf16"].pop("margins"))]
     half = args.items // 2

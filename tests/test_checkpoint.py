@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ShellPayload
-from qadapter import checkpoint
+from qadapter import atomic, checkpoint
 from qadapter.config import QAdapterConfig
 from qadapter.decode import encode_prompts
 from qadapter.errors import ModelError
@@ -102,10 +102,10 @@ def test_failed_save_keeps_previous_adapter(trained, tmp_path, monkeypatch):
 def test_json_writes_are_atomic(tmp_path, monkeypatch):
     """write_json_atomic replaces the file whole or not at all."""
     path = tmp_path / "metrics.json"
-    checkpoint.write_json_atomic(path, {"a": 1})
-    monkeypatch.setattr(checkpoint.json, "dump", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    atomic.write_json_atomic(path, {"a": 1})
+    monkeypatch.setattr(atomic.json, "dump", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
     with pytest.raises(RuntimeError):
-        checkpoint.write_json_atomic(path, {"a": 2})
+        atomic.write_json_atomic(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 

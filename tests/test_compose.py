@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from qadapter.config import DecodeConfig, QAdapterConfig
+from qadapter.config import DecodeConfig, Dial, QAdapterConfig
 from qadapter.data import read_records
-from qadapter.decode import BASE, DecodeBatch, customized_logits, encode_prompts, generate_ids, mixture
+from qadapter.decode import BASE, DecodeBatch, customized_logits, encode_prompts, eos_ids, generate_ids, mixture, token_rows
 from qadapter.errors import ConfigError, ModelError
 from qadapter.model import QAdapterModel
 from qadapter.training import train
 
-from conftest import marker_records, random_adapter
+from conftest import engine_rows, marker_records, random_adapter, reference_generate
 
 PROMPTS = ["tell me about the cat", "why is the dog so big and red"]
 
@@ -60,13 +60,23 @@ def test_composition_loads_both_adapters_on_one_base(composed):
 def test_composed_logits_equal_formula_from_separate_passes(composed, weights, alpha_0, alpha_tilde, float32):
     """One mixed-batch forward ([a rows; b rows; base rows], one cache) gives the policy of the formula computed from three separate passes."""
     ids, mask = encode_prompts(composed.tokenizer, PROMPTS)
-    policy = mixture(composed, DecodeConfig(weights=weights, alpha_0=alpha_0, alpha_tilde=alpha_tilde))
-    assert policy.passes == ("a", "b", BASE)
+    policy = mixture(composed, Dial(weights=weights, alpha_0=alpha_0, alpha_tilde=alpha_tilde))
+    assert policy.pass_names == ("a", "b", BASE)
     with torch.no_grad():
         got = DecodeBatch(composed).add(ids, mask, [policy] * len(PROMPTS))
     expected = _formula(_separate_passes(composed, ids, mask), weights, alpha_0, alpha_tilde)
     # the engine may return the logits up to a constant per row (one projection of combined hidden states)
     assert_close(F.log_softmax(got, -1), F.log_softmax(expected, -1), atol=1e-4, rtol=1e-4)
+
+
+def test_composed_engine_equals_reference_decoder(composed, float32):
+    """Greedy decoding of a composition of two adapters (one residual, one raw) by the engine equals the
+    plain reference decoder's (a separate forward per adapter and for the base, no cache), prompt by prompt."""
+    dial = Dial(weights={"a": 1.0, "b": 0.5}, alpha_0=0.7, alpha_tilde=1.3)
+    ids, mask = encode_prompts(composed.tokenizer, PROMPTS)
+    out = generate_ids(composed, ids, mask, DecodeConfig(max_new_tokens=6, weights=dict(dial.weights), alpha_0=0.7, alpha_tilde=1.3))
+    expected = [reference_generate(composed, row, 6, dial) for row in token_rows(composed.tokenizer, PROMPTS)]
+    assert engine_rows(out, eos_ids(composed)) == expected
 
 
 def test_composed_greedy_decoding_equals_recomputation(composed):
@@ -88,19 +98,19 @@ def test_base_pass_is_skipped_only_when_it_cancels(composed, float32):
     ids, mask = encode_prompts(composed.tokenizer, PROMPTS)
     passes = _separate_passes(composed, ids, mask)
     for weights, alpha_0 in (({"a": 1.0, "b": 0.0}, 1.0), ({"a": 0.5, "b": 2.0}, 0.5)):
-        policy = mixture(composed, DecodeConfig(weights=weights, alpha_0=alpha_0, alpha_tilde=1.3))
-        assert BASE not in policy.passes and ("b" in policy.passes) == (weights["b"] != 0)
+        policy = mixture(composed, Dial(weights=weights, alpha_0=alpha_0, alpha_tilde=1.3))
+        assert BASE not in policy.pass_names and ("b" in policy.pass_names) == (weights["b"] != 0)
         with torch.no_grad():
             got = DecodeBatch(composed).add(ids, mask, [policy] * len(PROMPTS))
         assert_close(F.log_softmax(got, -1), F.log_softmax(_formula(passes, weights, alpha_0, 1.3), -1), atol=1e-4, rtol=1e-4)
-    assert mixture(composed, DecodeConfig(alpha_0=0.5)).passes == ("a", "b", BASE)
+    assert mixture(composed, Dial(alpha_0=0.5)).pass_names == ("a", "b", BASE)
     assert customized_logits({BASE: passes[BASE]}, mixture(composed, policy="base")).argmax(-1).equal(passes[BASE].argmax(-1))
 
 
 def test_bad_weights_and_names_are_refused(composed, adapter_dirs):
     """Unknown adapters and non-finite weights name the problem; adapter names may not clash with model ids."""
     with pytest.raises(ConfigError, match="no adapter named c"):
-        mixture(composed, DecodeConfig(weights={"c": 1.0}))
+        mixture(composed, Dial(weights={"c": 1.0}))
     with pytest.raises(ConfigError, match="finite"):
         DecodeConfig(weights={"a": float("nan")})
     with pytest.raises(ConfigError, match="adapter name"):
@@ -125,7 +135,7 @@ def _marker_margins(qm, weights: dict[str, float], contexts: list[str]) -> dict[
             for c in contexts for lead in ("", "the cat ", "it was very ")]
     ids, mask = encode_prompts(tok, rows, chat=False)
     with torch.no_grad():
-        logp = F.log_softmax(DecodeBatch(qm).add(ids, mask, [mixture(qm, DecodeConfig(weights=weights))] * len(rows)), -1)
+        logp = F.log_softmax(DecodeBatch(qm).add(ids, mask, [mixture(qm, Dial(weights=weights))] * len(rows)), -1)
     vocab = tok.get_vocab()
     return {w: (logp[:, vocab[w]] - logp[:, vocab[v]]).mean().item() for w, v in (("good", "bad"), ("yes", "no"))}
 

@@ -9,9 +9,11 @@ from torch.testing import assert_close
 
 from qadapter import objective
 from qadapter.config import DecodeConfig, QAdapterConfig
-from qadapter.decode import encode_prompts, generate, generate_ids
+from qadapter.decode import encode_prompts, eos_ids, generate, generate_ids, token_rows
 from qadapter.model import QAdapterModel, load_base
 from qadapter.sampling import sample_next, top_p_filter
+
+from conftest import engine_rows, reference_generate
 
 
 @pytest.fixture()
@@ -49,6 +51,16 @@ def test_cached_greedy_equals_recomputation(qmodel, q_form, alpha_0, alpha_tilde
             logits = _recomputed_logits(qmodel, full, full_mask, alpha_0, alpha_tilde)
             live = ~torch.isin(out[:, :step], torch.tensor([qmodel.tokenizer.eos_token_id])).any(1)
             assert torch.equal(logits.argmax(-1)[live], out[live, step])
+
+
+def test_engine_greedy_equals_reference_decoder(qmodel, float32):
+    """The engine (every pass a row of one batched forward, one KV cache, left padding, rows ending at
+    different steps) decodes greedily what the plain reference decoder does, prompt by prompt."""
+    prompts = ["tell me about the cat", "why is the dog so big and red", "hello"]
+    ids, mask = encode_prompts(qmodel.tokenizer, prompts)
+    out = generate_ids(qmodel, ids, mask, DecodeConfig(max_new_tokens=8))
+    expected = [reference_generate(qmodel, row, 8) for row in token_rows(qmodel.tokenizer, prompts)]
+    assert engine_rows(out, eos_ids(qmodel)) == expected
 
 
 def test_batched_equals_one_by_one(qmodel):

@@ -125,14 +125,14 @@ def _reference_text(reference: QAdapterModel, prompt: str, max_new_tokens: int) 
     return generate(reference, [prompt], config, chat=False)[0]
 
 
-@pytest.mark.parametrize("chunk", [32, 3])  # one generate_ids call; several, continuing from the tokens so far
-def test_generate_until_matches_qadapter_decoding(adapter_dir, lm, reference, chunk):
-    plugin = lm if chunk == 32 else QAdapterLM(qmodel=lm.qmodel, adapter=str(adapter_dir), gen_chunk_tokens=chunk, batch_size=2)
+@pytest.mark.parametrize("batch_size", [2, 3])  # all three prompts in one batch too: rows end, and leave, at different steps
+def test_generate_until_matches_qadapter_decoding(adapter_dir, lm, reference, batch_size):
+    plugin = lm if batch_size == 2 else QAdapterLM(qmodel=lm.qmodel, adapter=str(adapter_dir), batch_size=batch_size)
     prompts = ["the cat sat", "tell me about", "what is the answer to the question"]
     budget = 16
     full = [_reference_text(reference, p, budget) for p in prompts]
     assert all(len(text.split()) >= 10 for text in full)  # long enough to be cut below
-    stops = [" " + text.split()[7] for text in full]  # a word late enough to need several chunks of 3
+    stops = [" " + text.split()[7] for text in full]  # a word late in the text: rows end at different steps
     requests = [
         Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": budget, "do_sample": False}), i)
         for i, (prompt, stop) in enumerate(zip(prompts, stops))

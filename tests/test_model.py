@@ -63,7 +63,7 @@ def test_left_and_right_padding_give_same_loss(qmodel):
     losses = []
     for side in ("right", "left"):
         batch = _batch(qmodel, padding_side=side)
-        terms = qmodel.score(batch)
+        terms = qmodel.token_terms(batch)
         out = objective.pair_objective(terms, batch.chosen_index, batch.rejected_index, gamma=1.0, beta=0.1)
         losses.append(out.loss.detach())
     assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
@@ -73,9 +73,9 @@ def test_padding_tokens_do_not_matter(qmodel):
     """Changing the token id used for padding changes nothing."""
     _perturb_lora(qmodel)
     batch = _batch(qmodel)
-    ref = objective.pair_objective(qmodel.score(batch), batch.chosen_index, batch.rejected_index, gamma=1.0, beta=0.1).loss
+    ref = objective.pair_objective(qmodel.token_terms(batch), batch.chosen_index, batch.rejected_index, gamma=1.0, beta=0.1).loss
     batch.input_ids = torch.where(batch.attention_mask.bool(), batch.input_ids, torch.full_like(batch.input_ids, 7))
-    other = objective.pair_objective(qmodel.score(batch), batch.chosen_index, batch.rejected_index, gamma=1.0, beta=0.1).loss
+    other = objective.pair_objective(qmodel.token_terms(batch), batch.chosen_index, batch.rejected_index, gamma=1.0, beta=0.1).loss
     assert_close(ref.detach(), other.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -83,7 +83,7 @@ def test_gradient_reaches_only_lora(qmodel):
     """Backward through the loss fills LoRA gradients and nothing else."""
     _perturb_lora(qmodel)
     batch = _batch(qmodel)
-    out = objective.pair_objective(qmodel.score(batch), batch.chosen_index, batch.rejected_index, gamma=1.0, beta=0.1)
+    out = objective.pair_objective(qmodel.token_terms(batch), batch.chosen_index, batch.rejected_index, gamma=1.0, beta=0.1)
     out.loss.mean().backward()
     grads = {n: p.grad for n, p in qmodel.peft_model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n for n in grads)
@@ -123,7 +123,7 @@ def test_hidden_path_matches_logits_path(qmodel):
     for hidden in (True, False):
         qmodel.hidden_path = hidden
         qmodel.peft_model.zero_grad()
-        out = objective.pair_objective(qmodel.score(batch), batch.chosen_index, batch.rejected_index, gamma=1.0, beta=0.1)
+        out = objective.pair_objective(qmodel.token_terms(batch), batch.chosen_index, batch.rejected_index, gamma=1.0, beta=0.1)
         out.loss.sum().backward()
         grads = [p.grad.clone() for n, p in qmodel.peft_model.named_parameters() if p.grad is not None]
         results.append((out.loss.detach(), grads))

@@ -9,6 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from qadapter import objective as obj
+from qadapter.preference_eval import preference_accuracy
 
 
 def _random_case(seed: int = 0, b: int = 4, T: int = 7, V: int = 11, scale: float = 1.0):
@@ -244,7 +245,7 @@ def test_bradley_terry_and_accuracy_hand_worked():
     """−log σ(0) = log 2, −log σ(2) = log(1 + e⁻²); accuracy 1/0/½ for win/loss/tie (|margin| <= 1e-3)."""
     chosen, rejected = torch.tensor([1.0, 3.0, 0.0, 1e-4, 0.01]), torch.tensor([1.0, 1.0, 2.0, 0.0, 0.0])
     assert_close(obj.bradley_terry_loss(chosen[:3], rejected[:3]), torch.tensor([math.log(2), math.log(1 + math.exp(-2)), math.log(1 + math.exp(2))]))
-    assert obj.preference_accuracy(chosen, rejected).tolist() == [0.5, 1.0, 0.0, 0.5, 1.0]
+    assert preference_accuracy(chosen, rejected).tolist() == [0.5, 1.0, 0.0, 0.5, 1.0]
 
 
 def test_penalty_hand_worked():

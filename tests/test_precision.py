@@ -8,13 +8,13 @@ import torch
 
 from qadapter import hardware
 from qadapter.collate import tokenize_records
-from qadapter.config import QAdapterConfig
+from qadapter.config import Dial, QAdapterConfig
 from qadapter.data import read_records
 from qadapter.eval.benchmarks import ChoiceItem
-from qadapter.eval.preference import evaluate_preferences_at
 from qadapter.eval.retention import PolicySpec, choice_logliks
 from qadapter.hardware import AUTO_PRECISION_ENV, choose_mixed_precision, precision_name
 from qadapter.model import QAdapterModel, load_base
+from qadapter.preference_eval import evaluate_preferences_at
 
 from conftest import marker_records, random_adapter
 
@@ -65,15 +65,15 @@ def test_bf16_scores_agree_with_float32_within_tolerance(tiny_model_dir, tmp_pat
             for choice, f, h in zip(item.choices, f_row, h_row):
                 assert abs(f - h) <= 0.1 * len(choice.split()), (name, choice, f, h)
     pairs, _ = tokenize_records(read_records(marker_records(6)).records, qmodel.tokenizer, 64, 32)
-    (f32,), (b16,) = (evaluate_preferences_at(qmodel, pairs, [(None, None)], precision=p) for p in ("no", "bf16"))
+    (f32,), (b16,) = (evaluate_preferences_at(qmodel, pairs, [Dial()], precision=p) for p in ("no", "bf16"))
     assert abs(f32.margin_mean - b16.margin_mean) < 0.2
 
 
 def test_per_pair_margins_come_back_in_input_order(tiny_model_dir, tmp_path):
     qmodel = QAdapterModel.from_pretrained(random_adapter(tiny_model_dir, tmp_path / "a"), device="cpu")
     pairs, _ = tokenize_records(read_records(marker_records(8)).records, qmodel.tokenizer, 64, 32)
-    (whole,) = evaluate_preferences_at(qmodel, pairs, [(None, None)], batch_size=3, keep_pairs=True)
-    singles = [evaluate_preferences_at(qmodel, [p], [(None, None)])[0].margin_mean for p in pairs]
+    (whole,) = evaluate_preferences_at(qmodel, pairs, [Dial()], batch_size=3, keep_pairs=True)
+    singles = [evaluate_preferences_at(qmodel, [p], [Dial()])[0].margin_mean for p in pairs]
     assert whole.margins == pytest.approx(singles, abs=1e-4)
     assert whole.margin_mean == pytest.approx(sum(singles) / len(singles), abs=1e-4) and "margins" in whole.to_dict()
 

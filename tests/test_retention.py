@@ -27,7 +27,7 @@ from qadapter.eval.retention import (
     wilson_interval,
 )
 from qadapter.model import QAdapterModel, load_base
-from qadapter.vocab import kl_from_hidden
+from qadapter.objective_hidden import kl_from_hidden
 
 
 @pytest.fixture()
@@ -102,7 +102,7 @@ def test_kl_hidden_path_matches_reference():
         fast = kl_from_hidden(h_a, h_b, w, q_form=q_form, alpha_0=0.7, alpha_tilde=1.3, chunk=4)
         q = objective.q_values(h_a @ w.T, h_b @ w.T, q_form)
         base = torch.log_softmax(h_b @ w.T, -1)
-        ref = objective.kl_to_base(objective.combined_logits(q, base, 0.7, 1.3), base)
+        ref = objective.kl_from_logits(objective.combined_logits(q, base, 0.7, 1.3), base)
         assert_close(fast, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -240,9 +240,9 @@ def test_shared_contexts_equal_scoring_each_option_whole(qmodel, hidden_path):
             ids = torch.tensor([ctx + cont])
             completion = torch.tensor([[0] * len(ctx) + [1] * len(cont)])
             with torch.no_grad():
-                passes = qmodel.passes(ids, torch.ones_like(ids))
+                outputs = qmodel.run_passes(ids, torch.ones_like(ids))
                 for policy in policies:
-                    terms = passes.terms(completion, policy.alpha_0, policy.alpha_tilde)
+                    terms = outputs.terms(completion, policy.dial)
                     whole = ((terms.base_logp if policy.base else terms.policy_logp) * terms.action_mask).sum().item()
                     assert shared[policy.name][i][j] == pytest.approx(whole, abs=2e-5), (policy.name, i, j)
 

@@ -179,7 +179,7 @@ def test_joining_and_leaving_mid_flight_changes_no_sequence(qmodel):
     for prompt, config, n in zip(prompts, configs, lengths):
         ids, mask = encode_prompts(tok, [prompt])
         alone.append(generate_ids(qmodel, ids, mask, DecodeConfig(max_new_tokens=n, min_new_tokens=n, weights=config.weights, alpha_0=config.alpha_0))[0].tolist())
-    policies = [mixture(qmodel, config) for config in configs]
+    policies = [mixture(qmodel, config.dial) for config in configs]
     batch, out = DecodeBatch(qmodel), [[], [], []]
     with torch.no_grad():
         ids, mask = encode_prompts(tok, prompts[:2])

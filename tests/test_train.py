@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from qadapter.checkpoint import latest_checkpoint
+from qadapter.checkpoint import latest_checkpoint, load_trainer_state
 from qadapter.config import QAdapterConfig
 from qadapter.data import read_records, split_by_prompt
 from qadapter.errors import ConfigError
@@ -70,6 +70,9 @@ def test_resume_reproduces_uninterrupted_run(tiny_model_dir, split, tmp_path):
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000004", resumed_dir / "checkpoints" / "step-000004")
     assert latest_checkpoint(resumed_dir / "checkpoints").name == "step-000004"
+    # the progress section keeps the keys checkpoints have always had, so older ones still resume
+    progress = load_trainer_state(resumed_dir / "checkpoints" / "step-000004")["progress"]
+    assert set(progress) == {"step", "history", "before", "train_seconds", "skipped_steps", "data_digest", "eval_seconds"}
     resumed = train(cfg, train_records, eval_records, resumed_dir, resume=True, **kwargs)
     a, b = load_file(full.adapter_dir / "adapter_model.safetensors"), load_file(resumed.adapter_dir / "adapter_model.safetensors")
     for key in a:

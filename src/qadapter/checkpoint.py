@@ -1,33 +1,31 @@
-"""Saving and loading, each side mirroring the other, every write atomic.
+"""Adapter and checkpoint folders: written atomically, read back and validated, each side mirroring the other.
 
 An adapter folder is PEFT's standard layout (``adapter_model.safetensors``,
 ``adapter_config.json``) plus ``qadapter_config.json``, which holds the method settings and the
 identity of the base model. Base weights are never written. A training checkpoint is an adapter
 folder plus ``trainer_state.pt`` (optimizer, scheduler, progress, RNG states).
 
-Every folder is written under a temporary name beside its target and renamed into place, so a
-crash or interrupt leaves either the old folder or the new one, never half of one.
+This module only reads and writes folders; :mod:`qadapter.model` builds a model from what it reads.
+Every folder is written with :func:`~qadapter.atomic.atomic_dir`: a crash or interrupt leaves either
+the old folder or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
-from .adapter_schema import check_against_base, check_peft_config, check_tensor_shapes, lora_config_from
+from .atomic import atomic_dir
+from .adapter_schema import check_against_base, check_peft_config, check_tensor_shapes
 from .config import ADAPTER_NAME, QAdapterConfig, read_json
 from .errors import ConfigError, ModelError
 
@@ -39,42 +37,37 @@ STEP_FOLDER = re.compile(r"step-\d+")  # checkpoints/step-000004; anything else 
 RESERVED_NAMES = ("base", "__base__")  # the server's model id of the base; PEFT's name for "no adapter"
 
 
-@contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it replaces ``target``.
+@dataclass
+class BaseIdentity:
+    """What an adapter records about its base model, to refuse a different one at load time."""
 
-    On any exception the temporary folder is removed and ``target`` is untouched.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    name: str
+    revision: str | None
+    architecture: dict[str, Any]
+    fingerprint: list[float]
+    chat_template_sha256: str | None
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BaseIdentity":
+        return cls(**data)
+
+    def mismatches(self, other: "BaseIdentity") -> list[str]:
+        """Human-readable differences that make an adapter trained on ``self`` invalid on ``other``."""
+        problems = [
+            f"{key}: adapter expects {self.architecture[key]!r}, base has {other.architecture.get(key)!r}"
+            for key in self.architecture
+            if self.architecture[key] != other.architecture.get(key)
+        ]
+        if not problems and not torch.allclose(
+            torch.tensor(self.fingerprint), torch.tensor(other.fingerprint), rtol=2e-2, atol=1e-3
+        ):
+            problems.append("weights differ from those the adapter was trained on")
+        if self.chat_template_sha256 != other.chat_template_sha256:
+            problems.append("chat template differs from the one the adapter was trained with")
+        return problems
 
 
 def write_adapter_files(qmodel: Any, folder: Path) -> None:
@@ -108,10 +101,8 @@ def read_adapter_meta(adapter_dir: str | Path) -> tuple[QAdapterConfig, dict[str
     return config, meta["base"], str(meta.get("qadapter_version", "unknown"))
 
 
-def _saved_identity(base_meta: dict[str, Any], path: Path) -> Any:
+def _saved_identity(base_meta: dict[str, Any], path: Path) -> BaseIdentity:
     """The recorded base identity, its field types checked so comparing it cannot crash."""
-    from .model import BaseIdentity
-
     try:
         saved = BaseIdentity.from_dict(base_meta)
     except TypeError as exc:
@@ -144,27 +135,28 @@ def _tensor_shapes(path: Path) -> dict[str, list[int]]:
 
 
 @dataclass
-class _AdapterFiles:
+class AdapterFiles:
     """An adapter folder's contents, read and validated before any model is touched."""
 
     folder: Path
     config: QAdapterConfig
-    saved: Any  # the BaseIdentity recorded at training time
+    saved: BaseIdentity  # recorded at training time
     peft: dict[str, Any]  # adapter_config.json, checked against the schema: what PEFT is given
     shapes: dict[str, list[int]]
 
 
-def _read_adapter(adapter_dir: str | Path) -> _AdapterFiles:
+def read_adapter(adapter_dir: str | Path) -> AdapterFiles:
+    """Everything an adapter folder holds, each file checked against its schema."""
     folder = Path(adapter_dir)
     config, base_meta, _ = read_adapter_meta(folder)
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are loaded)")
     saved = _saved_identity(base_meta, folder / QADAPTER_CONFIG)
     peft = check_peft_config(read_json(str(folder / ADAPTER_CONFIG), "PEFT adapter config"), folder / ADAPTER_CONFIG)
-    return _AdapterFiles(folder, config, saved, peft, _tensor_shapes(folder / ADAPTER_WEIGHTS))
+    return AdapterFiles(folder, config, saved, peft, _tensor_shapes(folder / ADAPTER_WEIGHTS))
 
 
-def _check_base(files: _AdapterFiles, base: Any, allow_base_mismatch: bool) -> None:
+def check_base(files: AdapterFiles, base: Any, allow_base_mismatch: bool) -> None:
     """Refuse a base whose architecture, weights or chat template differ from the recorded one."""
     if len(files.saved.fingerprint) != len(base.identity.fingerprint):
         raise ConfigError(
@@ -180,98 +172,27 @@ def _check_base(files: _AdapterFiles, base: Any, allow_base_mismatch: bool) -> N
         )
 
 
-def _check_fits(files: _AdapterFiles, base: Any) -> None:
+def check_fits(files: AdapterFiles, base: Any) -> None:
     """The adapter's settings and tensor shapes against the base's modules and dimensions, before
     PEFT allocates anything."""
     check_against_base(files.peft, files.folder / ADAPTER_CONFIG, base.model)
     check_tensor_shapes(files.shapes, files.peft["r"], files.folder / ADAPTER_WEIGHTS, base.model)
 
 
-def _attach(model: Any, files: _AdapterFiles, name: str, is_trainable: bool) -> Any:
-    """Load the adapter as ``name`` onto ``model``: a plain base becomes a PeftModel; onto a PeftModel
-    it is added frozen (a companion of a composition). PEFT gets the checked settings, not the file.
-    Refuse weights PEFT would silently leave missing, and NaN/inf weights."""
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-
-    settings = lora_config_from(files.peft, inference_mode=not is_trainable)
-    try:
-        if isinstance(model, PeftModel):
-            model.add_adapter(name, settings)  # load_adapter then reads only the weights
-            model.load_adapter(str(files.folder), adapter_name=name)
-        else:
-            model = PeftModel.from_pretrained(model, str(files.folder), adapter_name=name, is_trainable=is_trainable, config=settings)
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ModelError(f"{files.folder}: adapter weights do not fit the base model ({' '.join(str(exc).split())})") from None
-    # PEFT only warns about absent tensors and leaves those LoRA weights at their initial values
-    expected = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
-    missing = sorted(set(expected) - set(files.shapes))
-    if missing:
-        raise ModelError(
-            f"{files.folder}: {ADAPTER_WEIGHTS} lacks {len(missing)} of the {len(expected)} tensors "
-            f"{ADAPTER_CONFIG} asks for (first: {missing[0]})"
-        )
-    nonfinite = [key for key, value in expected.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-    if nonfinite:
-        raise ModelError(
-            f"{files.folder}: {ADAPTER_WEIGHTS} holds NaN or infinite values ({len(nonfinite)} tensors, first: {nonfinite[0]})"
-        )
-    return model
-
-
-def load_adapter(
-    adapter_dir: str | Path,
-    base: Any = None,
-    *,
-    model: str | None = None,
-    allow_base_mismatch: bool = False,
-    device: torch.device | str | None = None,
-    is_trainable: bool = False,
-) -> Any:
-    """Restore a :class:`~qadapter.model.QAdapterModel` saved by :func:`save_adapter`.
-
-    The base model is loaded from the identity recorded at training time unless ``base`` (an
-    already loaded :class:`~qadapter.model.LoadedBase`) or ``model`` is given; a base whose
-    architecture, weights or chat template differ is refused unless ``allow_base_mismatch``.
-    Weights are read from safetensors only.
-    """
-    from .model import QAdapterModel, check_unused, load_base
-
-    files = _read_adapter(adapter_dir)
-    if base is None:
-        base = load_base(model or files.saved.name, revision=None if model else _hub_revision(files.saved), device=device)
-    check_unused(base)
-    _check_base(files, base, allow_base_mismatch)
-    _check_fits(files, base)
-    peft_model = _attach(base.model, files, "default", is_trainable)
-    return QAdapterModel(peft_model, base.tokenizer, files.config, base.identity)
-
-
-def load_composition(
-    adapter_dirs: Mapping[str, str | Path],
-    base: Any = None,
-    *,
-    model: str | None = None,
-    allow_base_mismatch: bool = False,
-    device: torch.device | str | None = None,
-) -> Any:
-    """Several adapters, ``{name: folder}``, on one base loaded once, for decoding with the composed
-    policy (Σ_i w_i·Q_i + α₀ log π₁)/α̃ (weights per call: ``DecodeConfig.weights``, default 1 each).
-
-    The first adapter is the active one and supplies the default dial (α₀, α̃); each keeps its own
-    Q form. Adapters trained on different base models are refused (they would add Q-functions
-    relative to different policies), as is a base that differs from theirs, unless ``allow_base_mismatch``.
-    """
-    from .model import QAdapterModel, check_unused, load_base
-
-    if not adapter_dirs:
+def check_adapter_names(names: Collection[str]) -> None:
+    """A composition's adapters need plain names, none of them reserved, and at least one."""
+    if not names:
         raise ConfigError("a composition needs at least one adapter")
-    bad = [name for name in adapter_dirs if not ADAPTER_NAME.fullmatch(name) or name in RESERVED_NAMES]
+    bad = [name for name in names if not ADAPTER_NAME.fullmatch(name) or name in RESERVED_NAMES]
     if bad:
         raise ConfigError(
             f"adapter name(s) {', '.join(map(repr, bad))}: use letters, digits, '_' and '-' (at most 64), not {' or '.join(RESERVED_NAMES)}"
         )
-    adapters = {name: _read_adapter(folder) for name, folder in adapter_dirs.items()}
+
+
+def check_same_base(adapters: dict[str, AdapterFiles], allow_base_mismatch: bool) -> None:
+    """Composed adapters must all have been trained on one base: their Q-functions add up only
+    relative to the same policy."""
     (first_name, first), *others = adapters.items()
     for name, files in others:
         same_length = len(files.saved.fingerprint) == len(first.saved.fingerprint)
@@ -281,20 +202,10 @@ def load_composition(
                 f"adapters {first_name!r} ({first.folder}) and {name!r} ({files.folder}) were trained on different base "
                 f"models ({first.saved.name}, {files.saved.name}): " + "; ".join(problems) + ". Only adapters of one base compose."
             )
-    if base is None:
-        base = load_base(model or first.saved.name, revision=None if model else _hub_revision(first.saved), device=device)
-    check_unused(base)
-    for files in adapters.values():  # all of them before PEFT changes the base in place
-        _check_base(files, base, allow_base_mismatch)
-        _check_fits(files, base)
-    peft_model = base.model
-    for name, files in adapters.items():
-        peft_model = _attach(peft_model, files, name, is_trainable=False)
-    companions = {name: files.config for name, files in others}
-    return QAdapterModel(peft_model, base.tokenizer, first.config, base.identity, companions)
 
 
-def _hub_revision(identity: Any) -> str | None:
+def hub_revision(identity: BaseIdentity) -> str | None:
+    """The hub revision to load a recorded base at; None for a GGUF base (its revision is a content hash)."""
     revision = identity.revision
     return None if revision is None or revision.startswith("gguf-sha256:") else revision
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from .config import ADAPTER_NAME, DecodeConfig, QAdapterConfig, ServeLimits
+from .config import ADAPTER_NAME, SCALE, DecodeConfig, QAdapterConfig, ServeLimits
 from .data import data_file, default_data_dir, first_prompts
 from .errors import ConfigError, QAdapterError
 
@@ -304,8 +304,9 @@ def _alphas(sweep: str) -> list[float]:
         values = [float(a) for a in sweep.split(",") if a.strip()]
     except ValueError:
         raise ConfigError(f"--sweep: expected comma-separated numbers, got {sweep!r}") from None
-    if any(not v > 0 for v in values):
-        raise ConfigError(f"--sweep: every α₀ must be > 0, got {sweep!r}")
+    expected = next(filter(None, map(SCALE, values)), None)  # the α₀ check of every config
+    if expected:
+        raise ConfigError(f"--sweep: every α₀ must be {expected}, got {sweep!r}")
     return values
 
 
@@ -349,7 +350,7 @@ def evaluate_(
 @app.command(rich_help_panel="Evaluate")
 def sweep(
     adapter: Annotated[Path, typer.Option(help="The Q-Adapter to sweep (adapter or run folder).")],
-    alpha_0: Annotated[str, typer.Option("--alpha-0", help="α₀ values, comma-separated; α̃ is tied to α₀.")] = "0.25,0.5,1,2,4,8",
+    sweep: SweepOption = "0.25,0.5,1,2,4,8",
     peer: Annotated[Optional[list[str]], typer.Option("--peer", metavar="NAME=DIR", help="Other methods to show as points on the same plot; repeat.")] = None,
     output: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/sweep"),
     data: DataOption = None,
@@ -361,10 +362,11 @@ def sweep(
     judge: JudgeOption = "builtin",
     eval_precision: EvalPrecisionOption = "no",
     progress: ProgressOption = True,
+    alpha_0: Annotated[Optional[str], typer.Option("--alpha-0", hidden=True, help="The former name of --sweep.")] = None,
 ) -> None:
     """One adapter at several α₀ without retraining: retention vs alignment (plot, CSV, JSON)."""
     evaluate_(
-        [f"qadapter={adapter}", *(peer or [])], output, data, prefer, eval_fraction, max_eval_pairs, win_prompts, sizes, alpha_0, judge, 128, eval_precision, progress
+        [f"qadapter={adapter}", *(peer or [])], output, data, prefer, eval_fraction, max_eval_pairs, win_prompts, sizes, sweep if alpha_0 is None else alpha_0, judge, 128, eval_precision, progress
     )
 
 
@@ -490,12 +492,11 @@ def generate(
             console.print(text, markup=False, highlight=False)
         return
     base_answers = run_generate(qmodel, prompt, decode, policy="base", chat=chat)
-    alpha_0 = decode.alpha_0 or qmodel.config.alpha_0
-    alpha_tilde = decode.alpha_tilde or qmodel.config.alpha_tilde
+    dial = decode.dial.resolve(qmodel.adapters)
     for question, base_text, text in zip(prompt, base_answers, answers):
         table = Table(title=question, show_lines=True, expand=True)
         table.add_column("base")
-        table.add_column(f"customized (α₀={alpha_0:g}, α̃={alpha_tilde:g})")
+        table.add_column(f"customized (α₀={dial.alpha_0:g}, α̃={dial.alpha_tilde:g})")
         table.add_row(base_text, text)
         console.print(table)
 

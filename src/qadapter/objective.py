@@ -1,14 +1,20 @@
 """The Q-Adapter objective as pure tensor functions.
 
 Everything here follows Li et al., "Q-Adapter: Customizing Pre-trained LLMs to New Preferences
-with Forgetting Mitigation", arXiv 2407.03856 (ICLR 2025), Section 4, with the paper's symbols:
+with Forgetting Mitigation", arXiv 2407.03856 (ICLR 2025), Section 4: the customized policy (Eq. 7),
+the soft value (Eq. 8), the token reward as a Bellman residual (Eq. 9) and the loss, Bradley–Terry
+plus the χ² penalty (Eq. 10), with the paper's symbols:
 
     alpha_0      α₀ = λ·α₁, weight of the base log-policy log π₁ (larger: closer to the base)
     alpha_tilde  α̃, temperature of the customized policy
     gamma        γ, discount of the Bellman residual
     beta         β, weight of the χ²-style penalty on token rewards
 
-Token alignment (the one place the reference code gets wrong, so it is spelled out once):
+"The reference code" is the authors' official implementation, github.com/mansicer/Q-Adapter at commit
+81f908fdbdc9c22872bd1b6bf306003d507188de, file utils/q_adapter.py (``modify_forward`` computes Q, V
+and the policy; ``qadapter_loss`` the loss); each mention below names it with the short hash.
+
+Token alignment (the one place the reference code (mansicer/Q-Adapter@81f908f, utils/q_adapter.py) gets wrong, so it is spelled out once):
 a sequence of ``T`` tokens has ``T - 1`` *actions*. Action ``t`` is token ``t + 1``, taken in
 state ``s_t`` = tokens ``0..t``; the model's logits at position ``t`` describe it. Every
 per-action tensor below therefore has length ``T - 1`` and ``action_mask[t]`` says whether
@@ -32,7 +38,7 @@ ValueState = Literal["next", "current"]
 def q_values(adapter_logits: torch.Tensor, base_logits: torch.Tensor, form: QForm) -> torch.Tensor:
     """Q(s, ·) over the vocabulary from the adapted and the base model's logits.
 
-    ``raw`` (the reference implementation): Q = adapted logits. At initialisation Q equals the
+    ``raw`` (the reference code (mansicer/Q-Adapter@81f908f, utils/q_adapter.py)): Q = adapted logits. At initialisation Q equals the
     base logits, so token rewards start far from zero.
     ``residual``: Q = adapted logits − base logits. A zero LoRA gives Q ≡ 0 exactly, so the
     customized policy starts at π₁^(α₀/α̃) and, with α₀ = α̃, at the base policy itself.
@@ -127,7 +133,7 @@ def token_rewards(
     """Implicit token rewards r₂ (arXiv 2407.03856, Eq. 9, the Bellman residual):
 
         value_state="next":    r₂(s_t, a_t) = Q(s_t, a_t) − γ·V(s_{t+1}),  V = 0 after the last response token
-        value_state="current": r₂(s_t, a_t) = Q(s_t, a_t) − γ·V(s_t)      (the reference code's choice)
+        value_state="current": r₂(s_t, a_t) = Q(s_t, a_t) − γ·V(s_t)      (the choice of the reference code (mansicer/Q-Adapter@81f908f, utils/q_adapter.py))
 
     With γ = 1 the two sequence sums differ by V of the first response state only, which a
     chosen and a rejected response to the same prompt share, so Bradley–Terry margins agree.
@@ -151,9 +157,8 @@ def token_rewards(
 def sequence_rewards(rewards: torch.Tensor, action_mask: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:
     """Sequence reward R = Σ_t r₂(s_t, a_t) over response actions, (b, T-1) → (b,).
 
-    ``length_normalize`` divides each sequence by its *own* number of response actions (the
-    reference code divides by the padded length of the batch, which makes a sequence's reward
-    depend on its batch-mates).
+    ``length_normalize`` divides each sequence by its *own* number of response actions (the reference code (mansicer/Q-Adapter@81f908f, utils/q_adapter.py)
+    divides by the padded length of the batch, which makes a sequence's reward depend on its batch-mates).
     """
     total = (rewards * action_mask).sum(-1)  # (b,)
     if length_normalize:
@@ -162,26 +167,20 @@ def sequence_rewards(rewards: torch.Tensor, action_mask: torch.Tensor, length_no
 
 
 def reward_penalty(rewards: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-    """χ²-style regularizer of arXiv 2407.03856 Eq. 10: mean of r₂² over each sequence's response
-    actions, (b, T-1) → (b,). Keeps implicit rewards small so Q stays a residual."""
+    """χ²-style regularizer, the β term of arXiv 2407.03856 Eq. 10: mean of r₂² over each sequence's
+    response actions, (b, T-1) → (b,). Keeps implicit rewards small so Q stays a residual.
+
+    Departs from the reference code (mansicer/Q-Adapter@81f908f, utils/q_adapter.py) in its weighting, on purpose: ``qadapter_loss`` there pools r₂²
+    over every response token of the whole batch (β·Σ r₂²·mask / Σ mask), so a long response weighs
+    more and a pair's penalty depends on its batch-mates; here each sequence's own mean, so every pair
+    has its own loss (:func:`pair_objective` averages chosen and rejected). Both estimate the mean
+    squared token reward; on a batch of equally long responses they agree exactly."""
     return (rewards.square() * action_mask).sum(-1) / action_mask.sum(-1).clamp(min=1.0)
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
     """Bradley–Terry negative log-likelihood −log σ(R(w) − R(l)), per pair: (B,), (B,) → (B,)."""
     return -F.logsigmoid(chosen_rewards - rejected_rewards)
-
-
-def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, tie_tolerance: float = 1e-3) -> torch.Tensor:
-    """1 where the chosen response gets the higher reward, 0 where lower, 0.5 on a tie (the
-    expected score of breaking it at random), per pair: (B,) → (B,).
-
-    Margins within ``tie_tolerance`` nats are ties: a fresh residual adapter has margin 0, which
-    float32 sums over a few hundred tokens turn into noise of about 1e-5; learned margins are O(1).
-    """
-    diff = chosen_rewards - rejected_rewards
-    tie = diff.abs() <= tie_tolerance
-    return (diff > 0).to(diff.dtype) * ~tie + 0.5 * tie.to(diff.dtype)
 
 
 @dataclass
@@ -193,7 +192,6 @@ class PairObjective:
     penalty: torch.Tensor  # mean r₂² of chosen and rejected
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
-    accuracy: torch.Tensor
 
 
 def pair_objective(
@@ -226,7 +224,6 @@ def pair_objective(
         penalty=penalty,
         chosen_rewards=chosen.detach(),
         rejected_rewards=rejected.detach(),
-        accuracy=preference_accuracy(chosen.detach(), rejected.detach()),
     )
 
 
@@ -250,7 +247,7 @@ def advantage_margin(
     return total[chosen_index] - total[rejected_index]
 
 
-def kl_to_base(policy_logits: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
+def kl_from_logits(policy_logits: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
     """KL(π̃ ‖ π₁) = Σ_a π̃(a|s) (log π̃(a|s) − log π₁(a|s)) per state: (..., V) → (...).
 
     How far the customized policy moved from the base: the forgetting the dial trades off."""

@@ -37,6 +37,18 @@ class ChoiceItem:
 
 
 @dataclass(frozen=True)
+class ContextChoiceItem:
+    """A multiple-choice question whose options are contexts and whose continuation is fixed
+    (Winogrande-style: the blank filled by each option, then the same rest of the sentence): each of
+    ``contexts`` + ``continuation`` (with its leading space), scored on the continuation's tokens."""
+
+    id: str
+    contexts: tuple[str, ...]
+    continuation: str
+    gold: int
+
+
+@dataclass(frozen=True)
 class GenerationItem:
     """A question answered by generation; ``answer`` is the reference final answer."""
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import write_json_atomic
+from ..atomic import write_json_atomic
 from ..config import QAdapterConfig
 from ..data import PreferenceRecord
 from .judge import BagOfWordsJudge, Judge, RewardModelJudge, pairwise_accuracy

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..checkpoint import atomic_dir, write_json_atomic
+from ..atomic import atomic_dir, write_json_atomic
 from ..config import read_json
 from ..data import Message, PreferenceRecord, Turns
 from ..errors import ModelError

@@ -9,8 +9,9 @@ model ``HFLM`` that overrides the two places where HFLM runs the model:
   (arXiv 2407.03856, Eq. 7); HFLM takes ``log_softmax`` of them, i.e. log π̃, so ``loglikelihood``
   and ``loglikelihood_rolling`` (both go through ``_loglikelihood_tokens`` → ``_model_call``)
   score with π̃, never with the base or the adapted model alone.
-* ``_model_generate`` decodes with qadapter's two-pass decoder (:func:`qadapter.decode.generate_ids`),
-  so ``generate_until`` samples π̃ too, stopping at lm-eval's stop strings and token budget.
+* ``_model_generate`` decodes with qadapter's decoding engine (:class:`~qadapter.decode.DecodeBatch`
+  driven by :func:`~qadapter.decode.decode_step`, as ``generate`` and the server), so
+  ``generate_until`` samples π̃ too, stopping at lm-eval's stop strings and token budget.
 
 lm-eval's CLI imports no plugins, so run it through this module, which registers the model and
 then hands its arguments to lm-eval's own CLI unchanged::
@@ -28,7 +29,7 @@ or from Python::
 Model arguments: ``adapter`` (required, a folder written by ``qadapter train``/``save_pretrained``),
 ``alpha_0`` / ``alpha_tilde`` (override the adapter's dial), ``model`` (load a different copy of the
 base than the one recorded in the adapter), ``allow_base_mismatch``, ``device``, ``dtype``
-(``float32``, ``bfloat16``, ...; default as ``qadapter.load_base``), ``gen_chunk_tokens``, and the
+(``float32``, ``bfloat16``, ...; default as ``qadapter.load_base``), and the
 usual HFLM arguments that apply to an already loaded model (``batch_size``, ``max_batch_size``,
 ``max_length``, ``truncation``, ``logits_cache``, ``add_bos_token``, ``prefix_token_id``,
 ``softmax_dtype``, ``mixed_precision_dtype``, ...). From Python, ``QAdapterLM(qmodel=...)`` wraps an
@@ -38,7 +39,6 @@ already loaded :class:`~qadapter.model.QAdapterModel` instead of loading ``adapt
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .. import objective
-from ..config import DecodeConfig
-from ..decode import generate_ids
+from ..config import DecodeConfig, Dial
+from ..decode import DecodeBatch, StopMatcher, Stream, decode_step, eos_ids, mixture
 from ..hardware import EVAL_PRECISION, MixedPrecision, autocast
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,12 @@ log = logging.getLogger(__name__)
 _SAMPLING_KWARGS = {"do_sample", "temperature", "top_p"}
 
 
-def _positive(name: str, value: Any) -> float:
+def _number(value: Any) -> Any:
+    """A model argument as a number where it reads as one; :class:`~qadapter.config.Dial` refuses the rest."""
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"qadapter: {name} must be a number > 0, got {value!r}") from None
-    if not (number > 0 and math.isfinite(number)):
-        raise ValueError(f"qadapter: {name} must be a finite number > 0, got {value!r}")
-    return number
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -132,7 +130,7 @@ class QAdapterLM(HFLM):
         device: str | None = None,
         dtype: str | None = None,
         allow_base_mismatch: bool = False,
-        gen_chunk_tokens: int = 32,
+        gen_chunk_tokens: int | None = None,
         qmodel: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -153,16 +151,22 @@ class QAdapterLM(HFLM):
             raise ValueError("qadapter: the lm-eval model scores one adapter; load a single adapter, not a composition")
         self.qmodel = qmodel
         self.adapter = None if adapter is None else str(adapter)
-        self.alpha_0 = _positive("alpha_0", qmodel.config.alpha_0 if alpha_0 is None else alpha_0)
-        self.alpha_tilde = _positive("alpha_tilde", qmodel.config.alpha_tilde if alpha_tilde is None else alpha_tilde)
-        if int(gen_chunk_tokens) < 1:
-            raise ValueError(f"qadapter: gen_chunk_tokens must be >= 1, got {gen_chunk_tokens!r}")
-        self.gen_chunk_tokens = int(gen_chunk_tokens)
+        self.dial = Dial(_number(alpha_0), _number(alpha_tilde)).resolve(qmodel.adapters)
+        if gen_chunk_tokens is not None:  # accepted so that older model_args still run
+            log.warning("qadapter: gen_chunk_tokens is no longer used: generation reads the prompt once and decodes token by token")
         self._ignored_warned: set[str] = set()
         qmodel.peft_model.eval()
         # HFLM holds the transformers model (with the LoRA layers injected) and its tokenizer; every
         # forward it would run goes through the two overrides below instead.
         super().__init__(pretrained=qmodel.peft_model.get_base_model(), tokenizer=qmodel.tokenizer, backend="causal", **kwargs)
+
+    @property
+    def alpha_0(self) -> float:
+        return self.dial.alpha_0  # type: ignore[return-value]
+
+    @property
+    def alpha_tilde(self) -> float:
+        return self.dial.alpha_tilde  # type: ignore[return-value]
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -186,12 +190,6 @@ class QAdapterLM(HFLM):
 
     # -- generation -----------------------------------------------------------------------------
 
-    def _eos_ids(self) -> set[int]:
-        eos = {self.tokenizer.eos_token_id}
-        extra = getattr(self.qmodel.peft_model.generation_config, "eos_token_id", None)
-        eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
-        return {e for e in eos if e is not None}
-
     def _decode_config(self, max_new_tokens: int, generation_kwargs: dict[str, Any]) -> DecodeConfig:
         ignored = sorted(set(generation_kwargs) - _SAMPLING_KWARGS - self._ignored_warned)
         if ignored:
@@ -214,50 +212,39 @@ class QAdapterLM(HFLM):
         """Context followed by the generated tokens, (b, T) → (b, T + n), right-padded after a row ends.
 
         This is HF ``generate``'s contract, which ``generate_until`` relies on: it drops the first
-        T columns, decodes the rest and cuts the text at the first stop string. Tokens come from
-        :func:`qadapter.decode.generate_ids` in chunks of ``gen_chunk_tokens`` (doubling each time,
-        so at most about log2 of the budget re-reads of the prompt); a row leaves once it emitted EOS or
-        its text contains a stop string, and everything ends at ``max_length`` tokens in all.
+        T columns, decodes the rest and cuts the text at the first stop string. The context is read
+        once; a row leaves the batch once it emitted EOS or its text contains a stop string, and
+        everything ends at ``max_length`` tokens in all.
         """
         attention_mask = generation_kwargs.pop("attention_mask", None)
         if attention_mask is None:
             attention_mask = torch.ones_like(context)
         budget = int(max_length) - context.shape[1]
-        pad = self.tokenizer.pad_token_id
         if budget < 1:
             return context
-        eos = self._eos_ids()
-        stop = [s for s in (stop or []) if s]
-        produced: list[list[int]] = [[] for _ in range(context.shape[0])]
-        active = list(range(context.shape[0]))  # original row of each row of ids
-        ids, mask = context, attention_mask.to(context.dtype)
-        used, chunk = 0, self.gen_chunk_tokens
-        while active and used < budget:
-            n = min(chunk, budget - used)
-            new = generate_ids(self.qmodel, ids, mask, self._decode_config(n, dict(generation_kwargs)), precision=self._precision()).to(ids.device)  # (r, m ≤ n)
-            keep = []
-            for j, row in enumerate(active):
-                tokens = new[j].tolist()
-                end = next((k for k, t in enumerate(tokens) if t in eos), None)
-                produced[row].extend(tokens if end is None else tokens[: end + 1])
-                if end is not None:
-                    continue
-                text = self.tok_decode(produced[row])  # as generate_until decodes it
-                if not any(s in text for s in stop):
-                    keep.append(j)
-            used += n
-            if not keep or new.shape[1] < n:  # generate_ids stops early only when every row has ended
-                break
-            index = torch.tensor(keep, device=ids.device)
-            ids = torch.cat([ids, new], dim=1)[index]
-            mask = torch.cat([mask, torch.ones_like(new, dtype=mask.dtype)], dim=1)[index]
-            active = [active[j] for j in keep]
-            chunk *= 2
+        config = self._decode_config(budget, generation_kwargs)
+        policy = mixture(self.qmodel, config.dial)
+        streams = [Stream(policy, (config.temperature, config.top_p), budget, stop=StopMatcher(stop or [])) for _ in range(context.shape[0])]
+        produced: list[list[int]] = [[] for _ in streams]  # every token a row emitted, its EOS included
+        eos, pad = eos_ids(self.qmodel), self.tokenizer.pad_token_id
+        batch = DecodeBatch(self.qmodel, self._precision())
+        running = list(range(len(streams)))  # the stream of each batch row
+        with torch.no_grad():
+            logits = batch.add(context, attention_mask, [s.mixture for s in streams])  # (b, V)
+            while True:
+                tokens, _ = decode_step(logits, [streams[i] for i in running], eos, pad, self.tokenizer)  # (r,)
+                for i, token in zip(running, tokens.tolist()):
+                    produced[i].append(token)
+                alive = [j for j, i in enumerate(running) if streams[i].finish is None]
+                if not alive:
+                    break
+                batch.keep(alive)  # a row that ended leaves the batch
+                running = [running[j] for j in alive]
+                logits = batch.step(tokens[alive])
         width = max(len(p) for p in produced)
         out = torch.full((context.shape[0], width), pad, dtype=context.dtype, device=context.device)
         for row, tokens in enumerate(produced):
-            if tokens:
-                out[row, : len(tokens)] = torch.tensor(tokens, dtype=context.dtype)
+            out[row, : len(tokens)] = torch.tensor(tokens, dtype=context.dtype)
         return torch.cat([context, out], dim=1)
 
     # -- reporting ------------------------------------------------------------------------------

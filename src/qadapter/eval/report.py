@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import write_json_atomic
+from ..atomic import write_json_atomic
 from .benchmarks import CHANCE, GENERATIVE
 from .retention import wilson_interval
 

@@ -20,9 +20,9 @@ from typing import Any, TypedDict
 import torch
 
 from ..collate import pad_rows, pad_shared
-from ..config import DecodeConfig
+from ..config import DecodeConfig, Dial
 from ..hardware import EVAL_PRECISION, MixedPrecision, autocast
-from .benchmarks import ChoiceItem, GenerationItem, final_number
+from .benchmarks import ChoiceItem, ContextChoiceItem, GenerationItem, final_number
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class PolicySpec:
     alpha_0: float | None = None
     alpha_tilde: float | None = None
     base: bool = False
+
+    @property
+    def dial(self) -> Dial:
+        """The customized policy's dial (blanks: the adapter's own); a base policy reads none."""
+        return Dial(self.alpha_0, self.alpha_tilde)
 
 
 def _encode(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -51,13 +56,26 @@ def _group(tokenizer: Any, context: str, continuations: Sequence[str], max_lengt
     return ctx[max(0, len(ctx) - keep) :], conts
 
 
+def _option_groups(tokenizer: Any, item: ChoiceItem | ContextChoiceItem, max_length: int) -> list[tuple[list[int], list[list[int]]]]:
+    """The (context, [continuations]) groups that score ``item``'s options, in option order: one
+    context shared by its choices, or one group per context with the fixed continuation."""
+    if isinstance(item, ContextChoiceItem):
+        return [_group(tokenizer, context, [item.continuation], max_length) for context in item.contexts]
+    return [_group(tokenizer, item.context, item.choices, max_length)]
+
+
+def _option_lengths(item: ChoiceItem | ContextChoiceItem) -> list[int]:
+    """Characters of the scored text of each option (what ``acc_norm`` divides by)."""
+    if isinstance(item, ContextChoiceItem):
+        return [len(item.continuation)] * len(item.contexts)
+    return [len(c) for c in item.choices]
+
+
 def _is_adapted_model(qmodel: Any, policy: PolicySpec) -> bool:
     """Whether ``policy`` is the adapted model itself: a residual Q read at α₀ = α̃ = 1, the values as
     configured compared exactly (no arithmetic on them, so no rounding can make 1 out of 0.999…)."""
-    cfg = qmodel.config
-    alpha_0 = cfg.alpha_0 if policy.alpha_0 is None else policy.alpha_0
-    alpha_tilde = cfg.alpha_tilde if policy.alpha_tilde is None else policy.alpha_tilde
-    return not policy.base and cfg.q_form == "residual" and alpha_0 == 1 and alpha_tilde == 1
+    alpha_0, alpha_tilde = qmodel.scales(policy.dial)
+    return not policy.base and qmodel.config.q_form == "residual" and alpha_0 == 1 and alpha_tilde == 1
 
 
 @torch.no_grad()
@@ -98,9 +116,9 @@ def _response_logliks(
                 for policy in policies:
                     scores[policy.name].extend(logp)
             else:
-                passes = qmodel.shared_passes(shared)
+                outputs = qmodel.run_shared_passes(shared)
                 for policy in policies:
-                    terms = passes.terms(shared.completion_mask, policy.alpha_0, policy.alpha_tilde)
+                    terms = outputs.terms(shared.completion_mask, policy.dial)
                     logp = terms.base_logp if policy.base else terms.policy_logp
                     scores[policy.name].extend((logp * terms.action_mask).sum(-1).float().cpu().tolist())
         if on_batch is not None:
@@ -112,7 +130,7 @@ def _response_logliks(
 
 def choice_logliks(
     qmodel: Any,
-    items: Sequence[ChoiceItem],
+    items: Sequence[ChoiceItem | ContextChoiceItem],
     policies: Sequence[PolicySpec],
     *,
     batch_size: int = 16,
@@ -126,14 +144,16 @@ def choice_logliks(
     over-long context loses the same tokens from the left for every choice (each scored whole). Only the passes the
     policies need are run (the adapter's alone for SFT/DPO peers and other residual adapters read at
     α₀ = α̃ = 1). ``batch_size`` counts choices (whole items per batch); ``on_batch(n)`` reports
-    progress in scored choices.
+    progress in scored choices. A :class:`~qadapter.eval.benchmarks.ContextChoiceItem` scores the
+    fixed continuation after each of its contexts instead (lm-evaluation-harness's partial scoring
+    for Winogrande).
     """
-    groups = [_group(qmodel.tokenizer, item.context, item.choices, max_length) for item in items]
+    groups = [group for item in items for group in _option_groups(qmodel.tokenizer, item, max_length)]
     scores = _response_logliks(qmodel, groups, policies, batch_size=batch_size, precision=precision, on_batch=on_batch)
     out: dict[str, list[list[float]]] = {}
     for name, flat in scores.items():
         values = iter(flat)
-        out[name] = [[next(values) for _ in item.choices] for item in items]
+        out[name] = [[next(values) for _ in _option_lengths(item)] for item in items]
     return out
 
 
@@ -142,7 +162,7 @@ def _argmax(scores: Sequence[float], rng: random.Random) -> int:
     return rng.choice([k for k, score in enumerate(scores) if score == best])
 
 
-def choice_picks(items: Sequence[ChoiceItem], logliks: Sequence[Sequence[float]]) -> tuple[list[int], list[int]]:
+def choice_picks(items: Sequence[ChoiceItem | ContextChoiceItem], logliks: Sequence[Sequence[float]]) -> tuple[list[int], list[int]]:
     """The option each item's scores pick: ``acc``'s, the highest log-likelihood, and ``acc_norm``'s,
     the highest log-likelihood per character of the choice (lm-evaluation-harness's two conventions).
 
@@ -151,13 +171,13 @@ def choice_picks(items: Sequence[ChoiceItem], logliks: Sequence[Sequence[float]]
     """
     picks, picks_norm = [], []
     for item, scores in zip(items, logliks):
-        per_char = [s / max(1, len(c)) for s, c in zip(scores, item.choices)]
+        per_char = [s / max(1, n) for s, n in zip(scores, _option_lengths(item))]
         picks.append(_argmax(scores, random.Random(item.id)))
         picks_norm.append(_argmax(per_char, random.Random(item.id)))
     return picks, picks_norm
 
 
-def choice_accuracy(items: Sequence[ChoiceItem], logliks: Sequence[Sequence[float]]) -> tuple[list[int], list[int]]:
+def choice_accuracy(items: Sequence[ChoiceItem | ContextChoiceItem], logliks: Sequence[Sequence[float]]) -> tuple[list[int], list[int]]:
     """Per-item correctness (1/0) under ``acc`` and ``acc_norm``: whether :func:`choice_picks` picks gold."""
     picks, picks_norm = choice_picks(items, logliks)
     return [int(p == item.gold) for p, item in zip(picks, items)], [int(p == item.gold) for p, item in zip(picks_norm, items)]
@@ -196,10 +216,10 @@ def kl_to_base(
         states = torch.zeros_like(completion, dtype=torch.bool)
         states[:, :-1] = completion[:, 1:].bool()  # the states from which response tokens are drawn
         with autocast(device, precision):
-            passes = qmodel.passes(ids, attention)
+            outputs = qmodel.run_passes(ids, attention)
             for policy in policies:
                 if not policy.base:
-                    sums[policy.name] += passes.kl_to_base(states, policy.alpha_0, policy.alpha_tilde).sum().item()
+                    sums[policy.name] += outputs.kl(states, policy.dial).sum().item()
         count += int(states.sum())
     qmodel.set_training(was_training)
     return {name: (total / max(count, 1)) for name, total in sums.items()}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import write_json_atomic
+from ..atomic import write_json_atomic
 from ..collate import render, tokenize_records
 from ..config import DecodeConfig
 from ..data import PreferenceRecord, data_file, read_records
@@ -24,7 +24,7 @@ from ..hardware import EVAL_PRECISION, MixedPrecision, precision_name
 from ..progress import Progress
 from .benchmarks import DEFAULT_SIZES, ChoiceItem, load_benchmark
 from .judge import Judge, win_rate
-from .preference import evaluate_preferences_at
+from ..preference_eval import evaluate_preferences_at
 from .report import retention_benchmarks, retention_mean
 from .retention import PolicySpec, choice_accuracy, choice_logliks, choice_picks, generation_correct, kl_to_base, paired_difference, wilson_interval
 
@@ -141,7 +141,7 @@ def run_method(
     def preferences() -> dict[str, Any]:
         task = bar.add(f"{method.name}: preferences", len(pairs))
         evals = evaluate_preferences_at(
-            qmodel, pairs, [(p.alpha_0, p.alpha_tilde) for p in scored], batch_size=plan.batch_size // 2, precision=plan.precision, on_batch=lambda k: bar.advance(task, k)
+            qmodel, pairs, [p.dial for p in scored], batch_size=plan.batch_size // 2, precision=plan.precision, on_batch=lambda k: bar.advance(task, k)
         )
         bar.remove(task)
         return {p.name: e.to_dict() for p, e in zip(scored, evals)}

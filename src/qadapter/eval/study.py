@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import write_json_atomic
+from ..atomic import write_json_atomic
 from ..config import QAdapterConfig
 from ..data import PreferenceRecord, data_file, default_data_dir, first_prompts, read_records, split_by_prompt
 from ..hardware import EVAL_PRECISION, precision_name

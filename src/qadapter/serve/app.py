@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server for the customized policy (the only module importing fastapi and uvicorn).
+"""The server's HTTP side: an OpenAI-compatible FastAPI app for the customized policy.
 
     qadapter serve --adapter a=runs/a --adapter b=runs/b        # http://127.0.0.1:8000/v1
 
@@ -33,19 +33,15 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import h11
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -54,318 +50,19 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .collate import pad_rows
-from .config import DecodeConfig, ServeLimits
-from .decode import DecodeBatch, Mixture, eos_ids, mixture, token_rows
-from .errors import ConfigError
-from .sampling import sample_next
+from ..config import Dial, ServeLimits
+from ..decode import Mixture, StopMatcher, Stream, mixture, token_rows
+from ..errors import ConfigError
+from .scheduler import Event, Job, Scheduler
+from .schema import APIError, ChatBody, CompletionBody, _Body
 
 log = logging.getLogger("qadapter.serve")
 DEFAULT_MAX_TOKENS = 256  # when a request names none (capped by the room its prompt leaves)
 DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
-MAX_STOPS = 4  # as OpenAI
 # A prompt longer than this many characters per token of the context is refused before it is tokenized: natural text
 # has about 4, and tokenizing costs about a second per MB, so the tokenizer's work per request follows the context,
 # not the body limit.
 MAX_CHARS_PER_TOKEN = 32
-# Bounds that keep every logit finite (float32 and bfloat16 overflow near 3e38): |Σ w_i·Q_i + α₀ log π₁| / (α̃ · temperature)
-# stays many orders of magnitude below that.
-DIAL_RANGE = (1e-3, 1e3)  # alpha_0, alpha_tilde
-MAX_WEIGHT = 1e3  # |adapter_weights|
-MIN_TEMPERATURE = 1e-2  # besides 0 (greedy)
-
-
-# ---------------------------------------------------------------------------------------------
-# Requests
-
-
-def _greedy_or_sampled(temperature: float) -> float:
-    if 0 < temperature < MIN_TEMPERATURE:
-        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
-    return temperature
-
-
-class _Body(BaseModel):
-    """Fields shared by chat and text completions; unknown OpenAI fields are ignored."""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(_greedy_or_sampled)] = 1.0
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None  # count and length: checked_stops
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = Field(default=1, ge=1, le=1)  # one choice per request
-    alpha_0: float | None = Field(default=None, ge=DIAL_RANGE[0], le=DIAL_RANGE[1])
-    alpha_tilde: float | None = Field(default=None, ge=DIAL_RANGE[0], le=DIAL_RANGE[1])
-    adapter_weights: dict[str, Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT)]] | None = None
-    min_tokens: int = Field(default=0, ge=0)
-
-    def checked_stops(self, max_chars: int) -> tuple[str, ...]:
-        """The non-empty stop strings; at most MAX_STOPS of at most ``max_chars`` characters each."""
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > MAX_STOPS:
-            raise APIError(400, f"stop: at most {MAX_STOPS} stop sequences, got {len(stops)}", param="stop")
-        longest = max(map(len, stops), default=0)
-        if longest > max_chars:
-            raise APIError(400, f"stop: a stop sequence has at most {max_chars} characters, got one of {longest}", param="stop")
-        return tuple(s for s in stops if s)
-
-
-class _TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[_TextPart] | None = None
-
-    def as_dict(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
-
-class ChatBody(_Body):
-    messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str]
-
-
-class APIError(Exception):
-    """A request the server refuses, answered with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
-
-
-# ---------------------------------------------------------------------------------------------
-# Jobs and the worker
-
-
-@dataclass
-class Event:
-    """What the worker tells a request: new text, the finish reason once, or an error."""
-
-    text: str = ""
-    finish: str | None = None  # "stop" or "length"
-    error: str | None = None
-
-
-@dataclass(eq=False)  # compared and hashed by identity
-class Job:
-    """One request on its way through the worker."""
-
-    prompt: list[int]
-    mixture: Mixture
-    sampling: tuple[float, float]  # (temperature, top_p)
-    max_tokens: int
-    min_tokens: int
-    stop: StopMatcher
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    tokens: list[int] = field(default_factory=list)  # generated, EOS excluded
-    window: tuple[int, int] = (0, 0)  # incremental detokenization: (prefix, read) offsets into `tokens`
-    cancelled: bool = False  # set from the event loop when the client goes away
-
-    def publish(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens), "total_tokens": len(self.prompt) + len(self.tokens)}
-
-    def decode_next(self, tokenizer: Any) -> str:
-        """The text the newest token adds. Decoding a short window twice and keeping the difference
-        (as TGI does) keeps merges and multi-byte characters whole without re-decoding everything."""
-        prefix, read = self.window
-        before = tokenizer.decode(self.tokens[prefix:read], skip_special_tokens=True)
-        after = tokenizer.decode(self.tokens[prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):  # U+FFFD: an incomplete character
-            self.window = (read, len(self.tokens))
-            return after[len(before) :]
-        return ""
-
-
-def _borders(pattern: str) -> list[int]:
-    """KMP's failure function: ``borders[i]`` is the length of the longest proper prefix of
-    ``pattern[: i + 1]`` that is also a suffix of it. O(len(pattern))."""
-    borders = [0] * len(pattern)
-    k = 0
-    for i in range(1, len(pattern)):
-        while k and pattern[i] != pattern[k]:
-            k = borders[k - 1]
-        if pattern[i] == pattern[k]:
-            k += 1
-        borders[i] = k
-    return borders
-
-
-class StopMatcher:
-    """Finds the first stop string in text that arrives in pieces, in time linear in the text.
-
-    One KMP automaton per stop string; its state, the longest prefix of that stop string that ends
-    the text so far, carries over between pieces, so a character costs amortized O(1) per stop
-    string however long the text or the stop strings. Only the end of the text that may still begin
-    a stop string (fewer than max(len(stop)) characters) is held back; the rest is released.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [stop for stop in stops if stop]
-        self.borders = [_borders(stop) for stop in self.stops]
-        self.state = [0] * len(self.stops)
-        self.held = ""  # the end of the text that may begin a stop string
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Append ``piece``; returns the text now certain (ending before the earliest-starting stop
-        string, if one has appeared) and whether one has."""
-        text = self.held + piece
-        cut: int | None = None
-        for i, (stop, borders) in enumerate(zip(self.stops, self.borders)):
-            k = self.state[i]
-            for end, char in enumerate(piece, len(self.held) + 1):
-                while k and stop[k] != char:
-                    k = borders[k - 1]
-                if stop[k] == char:
-                    k += 1
-                if k == len(stop):  # its first occurrence, so its earliest start
-                    cut = end - k if cut is None else min(cut, end - k)
-                    break
-            self.state[i] = k
-        if cut is not None:
-            return text[:cut], True
-        keep = len(text) - max(self.state, default=0)
-        self.held = text[keep:]
-        return text[:keep], False
-
-    def flush(self) -> str:
-        """The held-back text, once the text has ended without a stop string."""
-        held, self.held = self.held, ""
-        return held
-
-
-class Scheduler:
-    """The worker thread that owns the model: a FIFO queue of waiting jobs and one running batch.
-
-    Each iteration admits waiting jobs (oldest first, up to ``max_batch_size`` running; their
-    prompts share one prefill forward), samples a token for every running job, lets finished and
-    cancelled jobs leave, and runs ONE forward for all the rest.
-    """
-
-    def __init__(self, qmodel: Any, max_batch_size: int = 32, max_queue: int = 256) -> None:
-        self.qmodel = qmodel
-        self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        self.eos = eos_ids(qmodel)
-        self.waiting: deque[Job] = deque()
-        self.running: list[Job] = []  # in the batch, in its order; touched by the worker only
-        self.left: Counter[str] = Counter()  # jobs that left the batch, by why: "stop", "length", "cancelled"
-        self.wakeup = threading.Condition()
-        self.closed = False
-        self.thread = threading.Thread(target=self._run, name="qadapter-decode", daemon=True)
-        qmodel.peft_model.eval()  # PEFT's mixed batch refuses training mode
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        with self.wakeup:
-            self.closed = True
-            self.wakeup.notify()
-        self.thread.join()
-
-    def submit(self, job: Job) -> None:
-        with self.wakeup:
-            if self.closed:
-                raise APIError(503, "the server is shutting down", kind="server_error")
-            if len(self.waiting) >= self.max_queue:
-                raise APIError(429, f"{len(self.waiting)} requests are already waiting; retry later", kind="rate_limit_error")
-            self.waiting.append(job)
-            self.wakeup.notify()
-
-    def _admit(self, batch: DecodeBatch) -> list[Job]:
-        """The waiting jobs that join now, oldest first; blocks while there is nothing to do."""
-        with self.wakeup:
-            while not self.waiting and not self.running and not self.closed:
-                self.wakeup.wait()
-            joining: list[Job] = []
-            while batch.can_join and self.waiting and len(self.running) + len(joining) < self.max_batch_size:
-                job = self.waiting.popleft()
-                if not job.cancelled:
-                    joining.append(job)
-            return joining
-
-    @torch.no_grad()
-    def _run(self) -> None:
-        batch, logits = DecodeBatch(self.qmodel), None
-        while True:
-            joining = self._admit(batch)
-            if self.closed:
-                break
-            try:
-                if joining:
-                    ids, mask, _ = pad_rows([(job.prompt, []) for job in joining], self.qmodel.tokenizer.pad_token_id, "left")
-                    new = batch.add(ids, mask, [job.mixture for job in joining])  # (joining, V)
-                    logits = new if logits is None else torch.cat([logits, new])
-                    self.running = self.running + joining
-                tokens = self._sample(logits, self.running)  # (running,)
-                alive = []
-                for i, (job, token) in enumerate(zip(self.running, tokens.tolist())):
-                    reason = self._advance(job, token)
-                    if reason:
-                        self.left[reason] += 1
-                    else:
-                        alive.append(i)
-                batch.keep(alive)
-                self.running = [self.running[i] for i in alive]
-                logits = batch.step(tokens[alive]) if self.running else None
-            except Exception as exc:  # a failed step fails the requests in it, not the server
-                log.exception("decoding step failed")
-                for job in dict.fromkeys(self.running + joining):
-                    job.publish(Event(error=f"decoding failed: {exc}"))
-                batch, logits, self.running = DecodeBatch(self.qmodel), None, []
-        for job in self.running + list(self.waiting):
-            job.publish(Event(error="the server is shutting down"))
-
-    def _sample(self, logits: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
-        """One token per job, (n, V) → (n,): EOS barred below ``min_tokens``; one draw per sampling setting."""
-        early = [i for i, job in enumerate(jobs) if len(job.tokens) < job.min_tokens]
-        if early:
-            logits[torch.tensor(early, device=logits.device).unsqueeze(1), torch.tensor(self.eos, device=logits.device)] = float("-inf")
-        tokens = torch.empty(len(jobs), dtype=torch.long, device=logits.device)
-        groups: dict[tuple[float, float], list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(job.sampling, []).append(i)
-        for (temperature, top_p), rows in groups.items():
-            tokens[rows] = sample_next(logits[rows], temperature=temperature, top_p=top_p)
-        return tokens
-
-    def _advance(self, job: Job, token: int) -> str | None:
-        """Take one sampled token and publish the text it completes; returns why the job leaves, if it does."""
-        if job.cancelled:
-            return "cancelled"
-        if token in self.eos:
-            text, finish = job.stop.flush(), "stop"
-        else:
-            job.tokens.append(token)
-            piece = job.decode_next(self.qmodel.tokenizer)  # the worker's own: prompts are encoded with copies
-            text, stopped = job.stop.feed(piece)
-            finish = "stop" if stopped else "length" if len(job.tokens) >= job.max_tokens else None
-            if finish == "length":
-                text += job.stop.flush()
-        if text or finish:
-            job.publish(Event(text, finish))
-        return finish
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +247,7 @@ def request_mixture(qmodel: Any, body: _Body) -> Mixture:
         raise APIError(400, f"adapter_weights names {', '.join(outside)}, which model {body.model!r} does not include", param="adapter_weights")
     weights = {name: (given.get(name, 1.0) if name in names else 0.0) for name in qmodel.adapters}
     try:
-        return mixture(qmodel, DecodeConfig(alpha_0=body.alpha_0, alpha_tilde=body.alpha_tilde, weights=weights))
+        return mixture(qmodel, Dial(body.alpha_0, body.alpha_tilde, weights))
     except ConfigError as exc:
         raise APIError(400, str(exc), param="adapter_weights" if str(exc).startswith("weights") else None) from None
 
@@ -684,7 +381,8 @@ def create_app(
         max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, room)
         if body.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens ({body.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
-        job = Job(ids, policy, (body.temperature, body.top_p), max_tokens, body.min_tokens, StopMatcher(stops), asyncio.get_running_loop())
+        stream = Stream(policy, (body.temperature, body.top_p), max_tokens, body.min_tokens, StopMatcher(stops))
+        job = Job(ids, stream, asyncio.get_running_loop())
         scheduler.submit(job)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from qadapter import objective as obj
-from qadapter.vocab import chunked_logsumexp, token_terms_from_hidden
+from qadapter.objective_hidden import chunked_logsumexp, token_terms_from_hidden
 
 
 def _case(seed=0, b=3, T=9, d=16, V=50):

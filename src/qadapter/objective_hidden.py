@@ -17,6 +17,8 @@ of storing them. Only torch is imported; :func:`qadapter.objective.token_terms` 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from .objective import QForm, TokenTerms
@@ -61,6 +63,33 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         )
 
 
+def base_coefficient(alpha_0: float, adapters: Iterable[tuple[float, str]]) -> float:
+    """The weight of the base pass's logits in Σ_i w_i·Q_i + α₀ log π₁, for adapters given as (w_i, Q form):
+    with Q_i = a_i − b (residual) or a_i (raw) and log π₁ = b − lse(b),
+
+        Σ_i w_i·Q_i + α₀ log π₁ = Σ_i w_i·a_i + (α₀ − Σ_residual w_i)·b − const(row),
+
+    so where this is exactly 0 (one residual adapter at weight 1 and α₀ = 1) the base pass is not
+    needed. Compared exactly on purpose: the pass is skipped only where its terms cancel exactly; a
+    rounding difference runs it and multiplies it by a tiny coefficient, which is still exact."""
+    return alpha_0 - sum(weight for weight, form in adapters if form == "residual")
+
+
+def combined_hidden(adapters: Iterable[tuple[torch.Tensor, float, str]], h_base: torch.Tensor | None, alpha_0: float) -> torch.Tensor:
+    """The final hidden state h_c whose projection W h_c is α̃ times the customized logits
+    (Σ_i w_i·Q_i + α₀ log π₁)/α̃ up to a constant per row (see :func:`base_coefficient`):
+
+        h_c = Σ_i w_i·h_i + (α₀ − Σ_residual w_i)·h_base
+
+    ``adapters``: (h_i, w_i, Q form) per adapter, each h (..., d); ``h_base``: (..., d), or None where the
+    base terms cancel. Returns (..., d), not yet divided by α̃."""
+    adapters = list(adapters)
+    h = sum((weight * h_i for h_i, weight, _ in adapters), torch.zeros_like(adapters[0][0] if adapters else h_base))
+    if h_base is not None:
+        h = h + base_coefficient(alpha_0, [(weight, form) for _, weight, form in adapters]) * h_base
+    return h  # type: ignore[return-value]
+
+
 def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, scale: float = 1.0, chunk: int = 256) -> torch.Tensor:
     """log Σ_v exp(scale · w_v·h) for each row of ``hidden``: (N, d), (V, d) → (N,), in float32."""
     return _ChunkedLogSumExp.apply(hidden, weight, scale, chunk)
@@ -90,7 +119,7 @@ def token_terms_from_hidden(
     h_a = h_adapter[:, :-1][rows].float()  # (N, d)
     h_b = h_base[:, :-1][rows].detach().float()  # (N, d)
     w_a = weight[input_ids[:, 1:][rows]].float()  # (N, d): output rows of the taken actions
-    h_c = h_a + ((alpha_0 - 1.0) if q_form == "residual" else alpha_0) * h_b  # (N, d)
+    h_c = combined_hidden([(h_a, 1.0, q_form)], h_b, alpha_0)  # (N, d)
     with torch.no_grad():
         lse_b = chunked_logsumexp(h_b, weight, 1.0, chunk)  # (N,)
     lse_c = chunked_logsumexp(h_c, weight, 1.0 / alpha_tilde, chunk)  # (N,)
@@ -138,11 +167,11 @@ def kl_from_hidden(
     alpha_tilde: float,
     chunk: int = 256,
 ) -> torch.Tensor:
-    """:func:`qadapter.objective.kl_to_base` for logits = W h, row by row: (N, d), (N, d) → (N,).
+    """:func:`qadapter.objective.kl_from_logits` for logits = W h, row by row: (N, d), (N, d) → (N,).
 
     log π̃ = W h_c / α̃ − lse(W h_c / α̃) (the α₀ lse(W h_b) term is a per-state constant), log π₁ = log softmax(W h_b).
     """
-    h_c = h_adapter.float() + ((alpha_0 - 1.0) if q_form == "residual" else alpha_0) * h_base.float()  # (N, d)
+    h_c = combined_hidden([(h_adapter.float(), 1.0, q_form)], h_base.float(), alpha_0)  # (N, d)
     w = weight.float()
     out = torch.empty(h_c.shape[0], dtype=torch.float32, device=h_c.device)
     with _full_precision(h_c.device):
