@@ -41,6 +41,9 @@ def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_
                 r = point["retention"][bench]
                 assert {"n", "acc", "delta", "delta_ci", "mcnemar_p", "changed", "mde"} <= set(r) and 0 <= r["mcnemar_p"] <= 1
     stages = sorted(p.name for p in (tmp_path / "study" / "tiny" / "cache").rglob("*.json"))
+    partial = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention"], {"arc_easy": 8, "piqa": 7}, max_new_tokens=4, progress=False, cached_only=True)
+    assert partial["methods"] == {}  # piqa=7 never ran: every group is left out, nothing is computed
+    assert sorted(p.name for p in (tmp_path / "study" / "tiny" / "cache").rglob("*.json")) == stages
     again = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
     assert again == entry and sorted(p.name for p in (tmp_path / "study" / "tiny" / "cache").rglob("*.json")) == stages  # all from the cache
     results = {"settings": {"tiny": entry}}

@@ -55,18 +55,25 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class StageMissing(LookupError):
+    """A stage a read-only :class:`StageCache` was asked for has not finished yet."""
+
+
 class StageCache:
     """One JSON file per finished stage, named by the stage and a digest of everything it depends on
     (the adapter's weights and settings, the items, the policies, the decoding settings): a stage is
     reused only for the very same inputs, never for a changed adapter, data set or dial."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, *, read_only: bool = False) -> None:
         self.folder = Path(folder)
+        self.read_only = read_only  # report from finished stages only: a missing one raises StageMissing
 
     def get(self, stage: str, inputs: dict[str, Any], compute: Callable[[], Any]) -> Any:
         path = self.folder / f"{stage}-{digest(inputs)}.json"
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))["value"]
+        if self.read_only:
+            raise StageMissing(stage)
         value = compute()
         write_json_atomic(path, {"inputs": inputs, "value": value})
         return value

@@ -42,7 +42,7 @@ from . import frontier
 from .experiment import prepare_judge
 from .judge import Judge
 from .retention import PolicySpec, bits_per_byte
-from .runner import EvalPlan, Method, StageCache, adapter_digest, digest, general_texts, metrics, run_method
+from .runner import EvalPlan, Method, StageCache, StageMissing, adapter_digest, digest, general_texts, metrics, run_method
 
 BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag")  # where a 135M model is above chance
 DEFAULT_SIZES = {"arc_easy": 1000, "arc_challenge": 1172, "piqa": 1000, "hellaswag": 1000}
@@ -206,25 +206,35 @@ def loaded(group: Group) -> Iterator[Any]:
 
 def run_stage(setting: Setting, plan: EvalPlan, cache: StageCache, bar: Progress, *, respond: bool, judge: Judge | None, log: Any = print) -> dict[str, Any]:
     """Every group's raw results for ``plan`` (computed or read from the cache)."""
-    split = setting.split()
     raws = {}
     for group in setting.groups:
         if not group.adapter.is_dir():
             log(f"{setting.name}/{group.name}: {group.adapter} not trained yet, skipped")
             continue
         started = time.perf_counter()
-        with loaded(group) as qmodel:
-            policies = [p.policy for p in group.points]
-            method = Method(group.name, policies, respond=[p.name for p in policies] if respond else [], solve=[])
-            raws[group.name] = run_method(qmodel, method, plan, split["held_out"], setting.prompts(), cache, bar)
-            texts = bpb_texts(qmodel.tokenizer, plan, setting.bpb_texts)
-            raws[group.name]["bpb"] = cache.get(
-                f"{group.name}/bpb",
-                {"adapter": adapter_digest(qmodel), "scale": group.scale, "texts": digest(texts), "policies": [vars(p) for p in policies], "precision": plan.precision},
-                lambda: bits_per_byte(qmodel, texts, policies, precision=plan.precision),
-            )
+        try:
+            raws[group.name] = group_stage(group, setting, plan, cache, bar, respond)
+        except StageMissing as missing:  # only with --cached-only
+            log(f"{setting.name}/{group.name}: {missing} not finished yet, skipped")
+            continue
         log(f"{setting.name}/{group.name}: {', '.join(plan.sizes)} done in {time.perf_counter() - started:.0f} s")
     return raws
+
+
+def group_stage(group: Group, setting: Setting, plan: EvalPlan, cache: StageCache, bar: Progress, respond: bool) -> dict[str, Any]:
+    """One group's raw results for ``plan``: every point's retention, KL, preferences (and answers), and bits per byte."""
+    split = setting.split()
+    with loaded(group) as qmodel:
+        policies = [p.policy for p in group.points]
+        method = Method(group.name, policies, respond=[p.name for p in policies] if respond else [], solve=[])
+        raw = run_method(qmodel, method, plan, split["held_out"], setting.prompts(), cache, bar)
+        texts = bpb_texts(qmodel.tokenizer, plan, setting.bpb_texts)
+        raw["bpb"] = cache.get(
+            f"{group.name}/bpb",
+            {"adapter": adapter_digest(qmodel), "scale": group.scale, "texts": digest(texts), "policies": [vars(p) for p in policies], "precision": plan.precision},
+            lambda: bits_per_byte(qmodel, texts, policies, precision=plan.precision),
+        )
+    return raw
 
 
 def bpb_texts(tokenizer: Any, plan: EvalPlan, n: int) -> list[tuple[str, str]]:
@@ -274,12 +284,15 @@ def _bpb_delta(bpb: dict[str, Any], name: str, base_bpb: dict[str, Any]) -> floa
     return None if not mine or not base else mine["mean"] - base["mean"]
 
 
-def run_setting(setting: Setting, output: Path, stages: list[str], sizes: dict[str, int], max_new_tokens: int, progress: bool) -> dict[str, Any]:
-    """Train what is missing, run the requested stages, and return the setting's results entry."""
+def run_setting(
+    setting: Setting, output: Path, stages: list[str], sizes: dict[str, int], max_new_tokens: int, progress: bool, cached_only: bool = False
+) -> dict[str, Any]:
+    """Train what is missing, run the requested stages, and return the setting's results entry.
+    ``cached_only``: compute and train nothing; report the groups whose stages have all finished."""
     folder = output / setting.name
-    cache = StageCache(folder / "cache")
+    cache = StageCache(folder / "cache", read_only=cached_only)
     split = setting.split()
-    if "train" in stages:
+    if "train" in stages and not cached_only:
         train_missing(setting)
     judge, judge_info = prepare_judge("builtin", folder / "judge", split["train"], split["held_out"])
     plan_for = lambda chosen: EvalPlan(data_root=default_data_dir(), sizes=chosen, max_new_tokens=max_new_tokens, precision=EVAL_PRECISION)  # noqa: E731
@@ -311,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--win-prompts", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--cached-only", action="store_true", help="write results.json and report.md from finished stages only (e.g. while a long run is stopped); a group with a missing stage is left out")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     sizes = {name: int(n) for name, n in (part.split("=") for part in args.sizes.split(",") if part)}
@@ -320,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in filter(None, args.settings.split(",")):
         setting = known[name]
         setting.win_prompts = args.win_prompts
-        results["settings"][name] = run_setting(setting, args.output, stages, sizes, args.max_new_tokens, not args.no_progress)
+        results["settings"][name] = run_setting(setting, args.output, stages, sizes, args.max_new_tokens, not args.no_progress, args.cached_only)
         results.update(
             defaults={"qadapter": {"alpha_0": QAdapterConfig().alpha_0, "alpha_tilde": QAdapterConfig().alpha_tilde}},
             command=" ".join(["python -m qadapter.eval.study", *(argv if argv is not None else sys.argv[1:])]),
