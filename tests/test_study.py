@@ -62,13 +62,16 @@ def test_matched_alignment_picks_the_closest_win_rate():
     assert frontier.retention_delta(picked["qadapter"], ["arc_easy"]) == -0.02
 
 
-def test_alignment_falls_back_to_preference_accuracy_until_generations_are_judged():
-    def point(acc: float, d: float, win: float | None = None) -> dict:
-        return {"knob": {}, "win_rate": win, "pref_accuracy": acc, "retention": {"arc_easy": {"delta": d, "delta_ci": [d - 0.01, d + 0.01], "mcnemar_p": 0.5}}}
+def test_points_are_matched_on_kl_until_generations_are_judged(tmp_path):
+    def point(kl: float, d: float, win: float | None = None) -> dict:
+        return {"knob": {}, "win_rate": win, "kl_to_base": kl, "pref_accuracy": 0.7, "retention": {"arc_easy": {"delta": d, "delta_ci": [d - 0.01, d + 0.01], "mcnemar_p": 0.5}}}
 
-    setting = {"benchmarks": ["arc_easy"], "methods": {"dpo": {"points": [point(0.8, -0.04)]}, "qadapter": {"points": [point(0.6, 0.0), point(0.78, -0.01)]}}}
-    assert frontier.alignment_axis(setting) == "pref_accuracy"
-    assert frontier.matched(setting)["qadapter"]["pref_accuracy"] == 0.78
-    assert "closest to `dpo`'s held-out preference accuracy" in frontier.markdown({"settings": {"s": setting}})
+    setting = {"benchmarks": ["arc_easy"], "methods": {"dpo": {"points": [point(0.4, -0.04)]}, "qadapter": {"points": [point(0.02, 0.0), point(0.37, -0.03)]}}}
+    assert frontier.alignment_axis(setting) == "kl_to_base"
+    assert frontier.matched(setting)["qadapter"]["kl_to_base"] == 0.37
+    text = frontier.markdown({"settings": {"s": setting}})
+    assert "At matched KL to base (judged win rates pending" in text and "| qadapter | — | 0.370 | -3.00 |" in text
+    frontier.plot(setting, tmp_path / "f.png", "s")
+    assert (tmp_path / "f.png").stat().st_size > 0
     setting["methods"]["qadapter"]["points"][0]["win_rate"] = 0.9  # one judged point switches the whole setting to win rate
     assert frontier.alignment_axis(setting) == "win_rate"

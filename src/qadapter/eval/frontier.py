@@ -6,7 +6,9 @@ point is ``{"knob": {...}, "win_rate", "win_rate_ci", "pref_accuracy", "kl_to_ba
 method is a curve across its knob (Q-Adapter's dial, DPO's decoding-time dial, DPO's weight
 interpolation); comparisons are made at matched alignment, i.e. at the point of each method whose
 judged win rate is closest to the reference method's (DPO, β = 0.1). Until the judged stage has run,
-alignment is read from held-out preference accuracy instead, and every table and plot says so.
+points are matched by KL to the base instead (how far each policy moved, not how well it aligned;
+held-out preference accuracy is no substitute: it *falls* as Q-Adapter's dial sharpens the policy),
+and every table and plot says so.
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ def retention_delta(point: dict[str, Any], benches: list[str]) -> float | None:
     return sum(deltas) / len(deltas) if deltas and len(deltas) == len(benches) else None
 
 
-AXES = {"win_rate": "judged win rate vs base", "pref_accuracy": "held-out preference accuracy"}
+AXES = {"win_rate": "judged win rate vs base", "kl_to_base": "KL to base (nats/token)"}
 
 
 def alignment_axis(setting: dict[str, Any]) -> str:
-    """The measure alignment is read from: judged win rate once any point has one, else held-out
-    preference accuracy (available after the retention stage, before generations are judged)."""
+    """The measure points are matched on: judged win rate once any point has one, else KL to the base
+    (available after the retention stage, before generations are judged)."""
     points = [p for m in setting["methods"].values() for p in m["points"]]
-    return "win_rate" if any(p.get("win_rate") is not None for p in points) else "pref_accuracy"
+    return "win_rate" if any(p.get("win_rate") is not None for p in points) else "kl_to_base"
+
+
+def _axis_value(axis: str, value: float | None) -> str:
+    return _pct(value) if axis == "win_rate" else ("—" if value is None else f"{value:.3f}")
 
 
 def matched(setting: dict[str, Any], reference: str = REFERENCE) -> dict[str, dict[str, Any]]:
@@ -88,13 +94,14 @@ def markdown(results: dict[str, Any]) -> str:
                 )
         pairs, axis = matched(setting), alignment_axis(setting)
         if pairs:
-            out.write(f"\n**At matched alignment** (each method's point closest to `{REFERENCE}`'s {AXES[axis]}):\n\n")
+            matched_on = "alignment" if axis == "win_rate" else "KL to base (judged win rates pending: matched on change, not on alignment)"
+            out.write(f"\n**At matched {matched_on}** (each method's point closest to `{REFERENCE}`'s {AXES[axis]}):\n\n")
             out.write(f"| method | knob | {AXES[axis]} | mean retention Δ | " + " | ".join(f"{b} Δ" for b in benches) + " |\n")
             out.write("|---|---|---|---|" + "---|" * len(benches) + "\n")
             for method, p in pairs.items():
                 mean = retention_delta(p, benches)
                 out.write(
-                    f"| {method} | {_knob(p['knob'])} | {_pct(p[axis])} | {'—' if mean is None else f'{100 * mean:+.2f}'} | "
+                    f"| {method} | {_knob(p['knob'])} | {_axis_value(axis, p[axis])} | {'—' if mean is None else f'{100 * mean:+.2f}'} | "
                     + " | ".join(_delta(p.get("retention", {}).get(b)) for b in benches) + " |\n"
                 )
         out.write("\n")
@@ -102,31 +109,39 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(setting: dict[str, Any], path: Path, title: str) -> None:
-    """Two panels: mean retention Δ vs alignment (one curve per method across its knob, with the mean's
-    95% interval as error bars), and KL to base vs alignment; see :func:`alignment_axis`."""
+    """Two panels, one curve per method across its knob: mean retention Δ vs alignment (with the mean's
+    95% interval as error bars), and KL to base vs alignment. Before generations are judged (see
+    :func:`alignment_axis`): retention Δ vs KL to base, and held-out preference accuracy vs KL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     benches, axis = setting.get("benchmarks", []), alignment_axis(setting)
+    scale = 100 if axis == "win_rate" else 1
+    right_key = "kl_to_base" if axis == "win_rate" else "pref_accuracy"
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for method, entry in setting["methods"].items():
         points = sorted((p for p in entry["points"] if p.get(axis) is not None), key=lambda p: p[axis])
         if not points or method == "base":
             continue
-        xs = [100 * p[axis] for p in points]
+        xs = [scale * p[axis] for p in points]
         ys = [retention_delta(p, benches) for p in points]
         if all(y is not None for y in ys):
             # half-width of the mean's 95% interval, the benchmarks' items being independent: sqrt(Σ hᵢ²) / k
             errors = [100 * sum(((p["retention"][b]["delta_ci"][1] - p["retention"][b]["delta_ci"][0]) / 2) ** 2 for b in benches) ** 0.5 / len(benches) for p in points]
             left.errorbar(xs, [100 * y for y in ys], yerr=errors, marker="o", capsize=3, label=method)
-        kls = [p.get("kl_to_base") for p in points]
-        if all(k is not None for k in kls):
-            right.plot(xs, kls, marker="o", label=method)
+        others = [p.get(right_key) for p in points]
+        if all(o is not None for o in others):
+            right.plot(xs, others, marker="o", label=method)
+    xlabel = f"{AXES[axis]} (%)" if axis == "win_rate" else AXES[axis]
     left.axhline(0, color="grey", lw=0.8)
-    left.set(xlabel=f"{AXES[axis]} (%)", ylabel="mean retention Δ vs base (points)", title=f"{title}: retention vs alignment")
-    right.set(xlabel=f"{AXES[axis]} (%)", ylabel="KL(π ‖ base) per token", yscale="log", title=f"{title}: KL vs alignment")
+    left.set(xlabel=xlabel, ylabel="mean retention Δ vs base (points)", title=f"{title}: retention vs {'alignment' if axis == 'win_rate' else 'change'}")
+    if axis == "win_rate":
+        right.set(xlabel=xlabel, ylabel="KL(π ‖ base) per token", yscale="log", title=f"{title}: KL vs alignment")
+    else:
+        left.set_xscale("log")
+        right.set(xlabel=xlabel, xscale="log", ylabel="held-out preference accuracy", title=f"{title}: preference accuracy vs change")
     for ax in (left, right):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
