@@ -50,6 +50,11 @@ def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_
     assert "At matched alignment" in frontier.markdown(results) and json.dumps(results)
     frontier.plot(entry, tmp_path / "frontier.png", "tiny")
     assert (tmp_path / "frontier.png").stat().st_size > 0
+    for path in (tmp_path / "study" / "tiny" / "cache").rglob("bpb-*.json"):  # bits per byte, the last stage, unfinished
+        path.unlink()
+    partial = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False, cached_only=True)
+    point = partial["methods"]["qadapter"]["points"][0]
+    assert point["bpb_delta"] is None and point["retention"] == entry["methods"]["qadapter"]["points"][0]["retention"]
 
 
 def test_matched_alignment_picks_the_closest_win_rate():
