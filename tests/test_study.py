@@ -40,6 +40,10 @@ def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_
             for bench in ("arc_easy", "piqa"):
                 r = point["retention"][bench]
                 assert {"n", "acc", "delta", "delta_ci", "mcnemar_p", "changed", "mde"} <= set(r) and 0 <= r["mcnemar_p"] <= 1
+    versus = entry["versus_reference"]  # matched points against DPO's, paired on the same items
+    assert set(versus) == {"qadapter", "dpo_dial", "dpo_interp"} and all(v["versus"] == "dpo" for v in versus.values())
+    for v in versus.values():
+        assert set(v["retention"]) == {"arc_easy", "piqa"} and all(0 <= r["mcnemar_p"] <= 1 and r["delta_ci"][0] <= r["delta"] <= r["delta_ci"][1] for r in v["retention"].values())
     stages = sorted(p.name for p in (tmp_path / "study" / "tiny" / "cache").rglob("*.json"))
     partial = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention"], {"arc_easy": 8, "piqa": 7}, max_new_tokens=4, progress=False, cached_only=True)
     assert partial["methods"] == {}  # piqa=7 never ran: every group is left out, nothing is computed
@@ -47,7 +51,7 @@ def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_
     again = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
     assert again == entry and sorted(p.name for p in (tmp_path / "study" / "tiny" / "cache").rglob("*.json")) == stages  # all from the cache
     results = {"settings": {"tiny": entry}}
-    assert "At matched alignment" in frontier.markdown(results) and json.dumps(results)
+    assert "At matched alignment" in frontier.markdown(results) and "Head to head" in frontier.markdown(results) and json.dumps(results)
     frontier.plot(entry, tmp_path / "frontier.png", "tiny")
     assert (tmp_path / "frontier.png").stat().st_size > 0
     for path in (tmp_path / "study" / "tiny" / "cache").rglob("bpb-*.json"):  # bits per byte, the last stage, unfinished

@@ -104,6 +104,13 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {method} | {_knob(p['knob'])} | {_axis_value(axis, p[axis])} | {'—' if mean is None else f'{100 * mean:+.2f}'} | "
                     + " | ".join(_delta(p.get("retention", {}).get(b)) for b in benches) + " |\n"
                 )
+        versus = setting.get("versus_reference") or {}
+        if versus:
+            out.write(f"\n**Head to head at that match**: each method's matched point minus `{REFERENCE}`'s, paired on the same items (negative: forgets more than `{REFERENCE}`):\n\n")
+            out.write("| method | point | " + " | ".join(f"{b} Δ vs {REFERENCE} [95%] McNemar p" for b in benches) + " |\n")
+            out.write("|---|---|" + "---|" * len(benches) + "\n")
+            for method, v in versus.items():
+                out.write(f"| {method} | {v['policy']} | " + " | ".join(_delta(v["retention"].get(b)) for b in benches) + " |\n")
         out.write("\n")
     return out.getvalue()
 

@@ -41,8 +41,8 @@ from ..progress import Progress
 from . import frontier
 from .experiment import prepare_judge
 from .judge import Judge
-from .retention import PolicySpec, bits_per_byte
-from .runner import EvalPlan, Method, StageCache, StageMissing, adapter_digest, digest, general_texts, metrics, run_method
+from .retention import PolicySpec, bits_per_byte, paired_difference
+from .runner import PRIMARY_NORM, EvalPlan, Method, StageCache, StageMissing, adapter_digest, digest, general_texts, metrics, run_method
 
 BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag")  # where a 135M model is above chance
 DEFAULT_SIZES = {"arc_easy": 1000, "arc_challenge": 1172, "piqa": 1000, "hellaswag": 1000}
@@ -279,6 +279,32 @@ def assemble(setting: Setting, raws: dict[str, Any], judge: Judge | None, benche
     return {"benchmarks": benches, "methods": methods}
 
 
+def head_to_head(setting: Setting, raws: dict[str, Any], entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """At matched alignment (:func:`frontier.matched`), each method's point against the reference's
+    (DPO, β = 0.1), paired on the same items: accuracy difference with its 95% interval and McNemar p.
+    A direct test of "forgets less than DPO", sharper than comparing two differences to the base."""
+    matched = frontier.matched(entry)
+    reference = matched.get(frontier.REFERENCE)
+    where = {p.policy.name: g.name for g in setting.groups for p in g.points}
+    if reference is None:
+        return {}
+    ref_raw = raws[where[reference["policy"]["name"]]]["retention"]
+    out: dict[str, dict[str, Any]] = {}
+    for method, point in matched.items():
+        name = point["policy"]["name"]
+        if method == frontier.REFERENCE:
+            continue
+        mine = raws[where[name]]["retention"]
+        out[method] = {"policy": name, "versus": reference["policy"]["name"], "retention": {}}
+        for bench in entry["benchmarks"]:
+            if bench in mine and bench in ref_raw:
+                key, pick = ("acc_norm", "pick_norm") if bench in PRIMARY_NORM else ("acc", "pick")
+                a, b = mine[bench][name], ref_raw[bench][reference["policy"]["name"]]
+                d = paired_difference(a[key], b[key], method_picks=a[pick], base_picks=b[pick])
+                out[method]["retention"][bench] = {"delta": d.mean, "delta_ci": [d.low, d.high], "mcnemar_p": d.mcnemar_p, "changed": d.changed}
+    return out
+
+
 def _bpb_delta(bpb: dict[str, Any], name: str, base_bpb: dict[str, Any]) -> float | None:
     mine, base = bpb.get(name), base_bpb.get("base")
     return None if not mine or not base else mine["mean"] - base["mean"]
@@ -306,8 +332,10 @@ def run_setting(
         if "judged" in stages:
             raws = run_stage(setting, plan_for(sizes), cache, bar, respond=True, judge=judge)
     benches = [b for b in sizes if b in BENCHMARKS]
+    entry = assemble(setting, raws, judge if "judged" in stages else None, benches)
     return {
-        **assemble(setting, raws, judge if "judged" in stages else None, benches),
+        **entry,
+        "versus_reference": head_to_head(setting, raws, entry),
         "judge": judge_info,
         "n_train_pairs": len(split["train"]),
         "n_held_out_pairs": len(split["held_out"]),
