@@ -54,6 +54,10 @@ def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_
     assert "At matched alignment" in frontier.markdown(results) and "Head to head" in frontier.markdown(results) and json.dumps(results)
     frontier.plot(entry, tmp_path / "frontier.png", "tiny")
     assert (tmp_path / "frontier.png").stat().st_size > 0
+    one = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention"], {"arc_easy": 8, "piqa": 6, "hellaswag": 3}, max_new_tokens=4, progress=False, only={"dpo"})
+    assert one["methods"] == {}  # only dpo computed hellaswag: the base's group lacks it, so nothing compares yet
+    assert list((tmp_path / "study" / "tiny" / "cache" / "dpo").glob("retention-hellaswag-*.json"))
+    assert not list((tmp_path / "study" / "tiny" / "cache").rglob("qadapter-a1/retention-hellaswag-*.json"))
     for path in (tmp_path / "study" / "tiny" / "cache").rglob("bpb-*.json"):  # bits per byte, the last stage, unfinished
         path.unlink()
     partial = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False, cached_only=True)

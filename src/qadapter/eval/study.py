@@ -173,7 +173,7 @@ def settings(repo: Path) -> dict[str, Setting]:
     )}
 
 
-def train_missing(setting: Setting, log: Any = print) -> None:
+def train_missing(setting: Setting, only: set[str] | None = None, log: Any = print) -> None:
     """Train every group adapter that is missing and has a recipe (resumable: Q-Adapter resumes from
     its last checkpoint, a peer restarts)."""
     from ..training import train
@@ -181,7 +181,7 @@ def train_missing(setting: Setting, log: Any = print) -> None:
 
     split = setting.split()
     for group in setting.groups:
-        if group.adapter.is_dir() or group.recipe is None:
+        if group.adapter.is_dir() or group.recipe is None or (only is not None and group.name not in only):
             continue
         run, recipe = group.adapter.parent, group.recipe
         started = time.perf_counter()
@@ -204,17 +204,21 @@ def loaded(group: Group) -> Iterator[Any]:
         yield qmodel
 
 
-def run_stage(setting: Setting, plan: EvalPlan, cache: StageCache, bar: Progress, *, respond: bool, judge: Judge | None, log: Any = print) -> dict[str, Any]:
-    """Every group's raw results for ``plan`` (computed or read from the cache)."""
+def run_stage(
+    setting: Setting, plan: EvalPlan, cache: StageCache, bar: Progress, *, respond: bool, judge: Judge | None, only: set[str] | None = None, log: Any = print
+) -> dict[str, Any]:
+    """Every group's raw results for ``plan`` (computed or read from the cache); groups outside ``only``
+    (when given) are read from the cache alone."""
     raws = {}
+    read_only = StageCache(cache.folder, read_only=True)
     for group in setting.groups:
         if not group.adapter.is_dir():
             log(f"{setting.name}/{group.name}: {group.adapter} not trained yet, skipped")
             continue
         started = time.perf_counter()
         try:
-            raws[group.name] = group_stage(group, setting, plan, cache, bar, respond)
-        except StageMissing as missing:  # only with --cached-only
+            raws[group.name] = group_stage(group, setting, plan, cache if only is None or group.name in only else read_only, bar, respond)
+        except StageMissing as missing:  # with --cached-only, or outside --groups
             log(f"{setting.name}/{group.name}: {missing} not finished yet, skipped")
             continue
         log(f"{setting.name}/{group.name}: {', '.join(plan.sizes)} done in {time.perf_counter() - started:.0f} s")
@@ -311,15 +315,23 @@ def _bpb_delta(bpb: dict[str, Any], name: str, base_bpb: dict[str, Any]) -> floa
 
 
 def run_setting(
-    setting: Setting, output: Path, stages: list[str], sizes: dict[str, int], max_new_tokens: int, progress: bool, cached_only: bool = False
+    setting: Setting,
+    output: Path,
+    stages: list[str],
+    sizes: dict[str, int],
+    max_new_tokens: int,
+    progress: bool,
+    cached_only: bool = False,
+    only: set[str] | None = None,
 ) -> dict[str, Any]:
     """Train what is missing, run the requested stages, and return the setting's results entry.
-    ``cached_only``: compute and train nothing; report the groups whose stages have all finished."""
+    ``cached_only``: compute and train nothing; report the groups whose stages have all finished.
+    ``only``: compute the stages of these groups alone (the others are reported from the cache)."""
     folder = output / setting.name
     cache = StageCache(folder / "cache", read_only=cached_only)
     split = setting.split()
     if "train" in stages and not cached_only:
-        train_missing(setting)
+        train_missing(setting, only)
     judge, judge_info = prepare_judge("builtin", folder / "judge", split["train"], split["held_out"])
     plan_for = lambda chosen: EvalPlan(data_root=default_data_dir(), sizes=chosen, max_new_tokens=max_new_tokens, precision=EVAL_PRECISION)  # noqa: E731
     raws: dict[str, Any] = {}
@@ -328,9 +340,9 @@ def run_setting(
         for bench, n in sizes.items():  # benchmark-major: each answers a question across every method
             done[bench] = n
             if "retention" in stages:
-                raws = run_stage(setting, plan_for(dict(done)), cache, bar, respond=False, judge=judge)
+                raws = run_stage(setting, plan_for(dict(done)), cache, bar, respond=False, judge=judge, only=only)
         if "judged" in stages:
-            raws = run_stage(setting, plan_for(sizes), cache, bar, respond=True, judge=judge)
+            raws = run_stage(setting, plan_for(sizes), cache, bar, respond=True, judge=judge, only=only)
     benches = [b for b in sizes if b in BENCHMARKS]
     entry = assemble(setting, raws, judge if "judged" in stages else None, benches)
     return {
@@ -352,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--win-prompts", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--groups", default="", help="comma-separated group names (e.g. qadapter-a0.1,dpo): compute only their stages, report the others from the cache")
     parser.add_argument("--cached-only", action="store_true", help="write results.json and report.md from finished stages only (e.g. while a long run is stopped); a group with a missing stage is left out")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -362,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in filter(None, args.settings.split(",")):
         setting = known[name]
         setting.win_prompts = args.win_prompts
-        results["settings"][name] = run_setting(setting, args.output, stages, sizes, args.max_new_tokens, not args.no_progress, args.cached_only)
+        results["settings"][name] = run_setting(setting, args.output, stages, sizes, args.max_new_tokens, not args.no_progress, args.cached_only, set(filter(None, args.groups.split(","))) or None)
         results.update(
             defaults={"qadapter": {"alpha_0": QAdapterConfig().alpha_0, "alpha_tilde": QAdapterConfig().alpha_tilde}},
             command=" ".join(["python -m qadapter.eval.study", *(argv if argv is not None else sys.argv[1:])]),
