@@ -58,11 +58,12 @@ def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_
     assert one["methods"] == {}  # only dpo computed hellaswag: the base's group lacks it, so nothing compares yet
     assert list((tmp_path / "study" / "tiny" / "cache" / "dpo").glob("retention-hellaswag-*.json"))
     assert not list((tmp_path / "study" / "tiny" / "cache").rglob("qadapter-a1/retention-hellaswag-*.json"))
-    for path in (tmp_path / "study" / "tiny" / "cache").rglob("bpb-*.json"):  # bits per byte, the last stage, unfinished
-        path.unlink()
+    for pattern in ("bpb-*.json", "preferences-*.json"):  # the two stages after retention and KL, unfinished
+        for path in (tmp_path / "study" / "tiny" / "cache").rglob(pattern):
+            path.unlink()
     partial = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False, cached_only=True)
     point = partial["methods"]["qadapter"]["points"][0]
-    assert point["bpb_delta"] is None and point["retention"] == entry["methods"]["qadapter"]["points"][0]["retention"]
+    assert point["bpb_delta"] is None and point["pref_accuracy"] is None and point["retention"] == entry["methods"]["qadapter"]["points"][0]["retention"]
 
 
 def test_matched_alignment_picks_the_closest_win_rate():

@@ -153,7 +153,10 @@ def run_method(
         bar.remove(task)
         return {p.name: e.to_dict() for p, e in zip(scored, evals)}
 
-    raw["preferences"] = cache.get(f"{method.name}/preferences", {**common, "pairs": digest([vars(p) for p in pairs]), "policies": specs}, preferences)
+    try:
+        raw["preferences"] = cache.get(f"{method.name}/preferences", {**common, "pairs": digest([vars(p) for p in pairs]), "policies": specs}, preferences)
+    except StageMissing:  # a read-only cache (the study's --cached-only): report without preference accuracy
+        raw["preferences"] = {}
     for policy in (p for p in method.policies if p.name in method.respond):
         raw["responses"][policy.name] = cache.get(
             f"{method.name}/responses-{policy.name}",
