@@ -85,6 +85,8 @@ def test_points_are_matched_on_kl_until_generations_are_judged(tmp_path):
     assert frontier.matched(setting)["qadapter"]["kl_to_base"] == 0.37
     text = frontier.markdown({"settings": {"s": setting}})
     assert "At matched KL to base (judged win rates pending" in text and "| qadapter | — | 0.370 | -3.00 |" in text
+    setting["methods"]["qadapter"]["points"][1]["knob"] = {"train_temperature": 0.1, "alpha_0": 0.1}
+    assert [name for name, _ in frontier._curves(setting)] == ["dpo", "qadapter", "qadapter (a = 0.1)"]  # one curve per trained adapter
     frontier.plot(setting, tmp_path / "f.png", "s")
     assert (tmp_path / "f.png").stat().st_size > 0
     setting["methods"]["qadapter"]["points"][0]["win_rate"] = 0.9  # one judged point switches the whole setting to win rate

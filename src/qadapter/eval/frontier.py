@@ -115,6 +115,19 @@ def markdown(results: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+def _curves(setting: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """One curve per method, and per training temperature where a method was trained at several
+    (one adapter's dial is a curve; two adapters are two curves, not one zigzag)."""
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for method, entry in setting["methods"].items():
+        if method == "base":
+            continue
+        for p in entry["points"]:
+            a = p["knob"].get("train_temperature")
+            curves.setdefault(method if a is None else f"{method} (a = {a:g})", []).append(p)
+    return list(curves.items())
+
+
 def plot(setting: dict[str, Any], path: Path, title: str) -> None:
     """Two panels, one curve per method across its knob: mean retention Δ vs alignment (with the mean's
     95% interval as error bars), and KL to base vs alignment. Before generations are judged (see
@@ -128,9 +141,9 @@ def plot(setting: dict[str, Any], path: Path, title: str) -> None:
     scale = 100 if axis == "win_rate" else 1
     right_key = "kl_to_base" if axis == "win_rate" else "pref_accuracy"
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for method, entry in setting["methods"].items():
-        points = sorted((p for p in entry["points"] if p.get(axis) is not None), key=lambda p: p[axis])
-        if not points or method == "base":
+    for method, points in _curves(setting):
+        points = sorted((p for p in points if p.get(axis) is not None), key=lambda p: p[axis])
+        if not points:
             continue
         xs = [scale * p[axis] for p in points]
         ys = [retention_delta(p, benches) for p in points]
