@@ -26,7 +26,7 @@ from .benchmarks import DEFAULT_SIZES, ChoiceItem, load_benchmark
 from .judge import Judge, win_rate
 from ..preference_eval import evaluate_preferences_at
 from .report import retention_benchmarks, retention_mean
-from .retention import PolicySpec, choice_accuracy, choice_logliks, choice_picks, generation_correct, kl_to_base, paired_difference, wilson_interval
+from .retention import PairedDifference, PolicySpec, choice_accuracy, choice_logliks, choice_picks, generation_correct, kl_to_base, paired_difference, wilson_interval
 
 # Benchmarks whose headline metric is acc_norm (as lm-eval reports them); acc elsewhere (ARC-Easy and
 # ARC-Challenge, BoolQ, MMLU).
@@ -188,17 +188,28 @@ def respond(qmodel: Any, policy: PolicySpec, prompts: Sequence[Any], plan: EvalP
     return answers
 
 
+def primary_keys(bench: str) -> tuple[str, str]:
+    """Which of a retention record's conventions a benchmark is reported in: (correctness, pick) keys."""
+    return ("acc_norm", "pick_norm") if bench in PRIMARY_NORM else ("acc", "pick")
+
+
+def paired_records(bench: str, mine: dict[str, list], theirs: dict[str, list]) -> PairedDifference:
+    """Two policies' cached retention records on the same items, compared in the benchmark's convention."""
+    key, pick = primary_keys(bench)
+    return paired_difference(mine[key], theirs[key], method_picks=mine[pick], base_picks=theirs[pick])
+
+
 def metrics(name: str, raw: dict[str, Any], base_raw: dict[str, Any], judge: Judge | None, prompts: Sequence[Any]) -> dict[str, Any]:
     """The report's metrics of policy ``name``, differences paired against the base on the same items."""
     out: dict[str, Any] = {"retention": {}, "retention_norm": {}, "retention_n": {}, "retention_diff": {}}
     for bench, per_policy in raw["retention"].items():
         mine, base = per_policy[name], base_raw["retention"][bench]["base"]
-        key, pick = ("acc_norm", "pick_norm") if bench in PRIMARY_NORM else ("acc", "pick")
+        key, _ = primary_keys(bench)
         out["retention"][bench] = sum(mine[key]) / len(mine[key])
         out["retention_norm"][bench] = sum(mine["acc_norm"]) / len(mine["acc_norm"])
         out["retention_n"][bench] = len(mine[key])
         if name != "base":
-            out["retention_diff"][bench] = vars(paired_difference(mine[key], base[key], method_picks=mine[pick], base_picks=base[pick]))
+            out["retention_diff"][bench] = vars(paired_records(bench, mine, base))
     if name in raw["gsm8k"]:
         correct = raw["gsm8k"][name]
         out["retention"]["gsm8k"], out["retention_n"]["gsm8k"] = sum(correct) / len(correct), len(correct)

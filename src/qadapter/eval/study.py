@@ -41,8 +41,8 @@ from ..progress import Progress
 from . import frontier
 from .experiment import prepare_judge
 from .judge import Judge
-from .retention import PolicySpec, bits_per_byte, paired_difference
-from .runner import PRIMARY_NORM, EvalPlan, Method, StageCache, StageMissing, adapter_digest, digest, general_texts, metrics, run_method
+from .retention import PolicySpec, bits_per_byte
+from .runner import EvalPlan, Method, StageCache, StageMissing, adapter_digest, digest, general_texts, metrics, paired_records, run_method
 
 BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag")  # where a 135M model is above chance
 DEFAULT_SIZES = {"arc_easy": 1000, "arc_challenge": 1172, "piqa": 1000, "hellaswag": 1000}
@@ -302,9 +302,7 @@ def head_to_head(setting: Setting, raws: dict[str, Any], entry: dict[str, Any]) 
         out[method] = {"policy": name, "versus": reference["policy"]["name"], "retention": {}}
         for bench in entry["benchmarks"]:
             if bench in mine and bench in ref_raw:
-                key, pick = ("acc_norm", "pick_norm") if bench in PRIMARY_NORM else ("acc", "pick")
-                a, b = mine[bench][name], ref_raw[bench][reference["policy"]["name"]]
-                d = paired_difference(a[key], b[key], method_picks=a[pick], base_picks=b[pick])
+                d = paired_records(bench, mine[bench][name], ref_raw[bench][reference["policy"]["name"]])
                 out[method]["retention"][bench] = {"delta": d.mean, "delta_ci": [d.low, d.high], "mcnemar_p": d.mcnemar_p, "changed": d.changed}
     return out
 
