@@ -21,7 +21,8 @@ def tiny_setting(tiny_model_dir, tmp_path) -> Setting:
         Group("dpo-interp-0.5", b, [Point("dpo_interp", {"lambda": 0.5}, PolicySpec("dpo-interp@0.5", 1.0, 1.0))], scale=0.5),
         Group("missing", tmp_path / "nowhere" / "adapter", [Point("sft", {}, PolicySpec("sft", 1.0, 1.0))]),
     ]
-    return Setting("tiny", "dsp/domain_specific_preference.json", "academy", groups, max_train_pairs=40, max_eval_pairs=8, win_prompts=3, bpb_texts=6)
+    return Setting("tiny", "dsp/domain_specific_preference.json", "academy", groups, max_train_pairs=40, max_eval_pairs=8, win_prompts=3, bpb_texts=6,
+                   judge_model=str(tiny_model_dir))
 
 
 def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
@@ -37,9 +38,16 @@ def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_
             if method == "base":
                 continue
             assert 0 <= point["win_rate"] <= 1 and point["kl_to_base"] >= 0 and point["bpb_delta"] is not None
+            assert set(point["win_rates"]) == {"builtin", "reward_model"}  # two judges of different kinds
+            assert point["win_rate"] == point["win_rates"][next(iter(entry["judges"]))]["rate"]  # the primary: the first judge
             for bench in ("arc_easy", "piqa"):
                 r = point["retention"][bench]
                 assert {"n", "acc", "delta", "delta_ci", "mcnemar_p", "changed", "mde"} <= set(r) and 0 <= r["mcnemar_p"] <= 1
+    accuracies = [info["accuracy"] for info in entry["judges"].values()]
+    assert accuracies == sorted(accuracies, reverse=True) and entry["judge"] == next(iter(entry["judges"].values()))
+    assert (tmp_path / "study" / "tiny" / "reward-model" / "reward_model.json").is_file()
+    agreement = entry["judge_agreement"]
+    assert agreement["judges"] == ["builtin", "reward_model"] and isinstance(agreement["opposite_directions"], list)
     versus = entry["versus_reference"]  # matched points against DPO's, paired on the same items
     assert set(versus) == {"qadapter", "dpo_dial", "dpo_interp"} and all(v["versus"] == "dpo" for v in versus.values())
     for v in versus.values():

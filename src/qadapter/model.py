@@ -109,6 +109,21 @@ class LoadedBase:
     identity: BaseIdentity
 
 
+def model_source(model: str) -> tuple[str, str | None]:
+    """What ``from_pretrained`` reads for ``model`` (``"bundled"``, a ``.gguf`` file, a hub id or a folder),
+    and, for a GGUF, its content revision. A GGUF is dequantized once into a cached safetensors folder."""
+    if model == BUNDLED:
+        gguf_path: Path | None = bundled_gguf()
+    elif model.endswith(".gguf"):
+        gguf_path = Path(model)
+    else:
+        return model, None
+    if not gguf_path.is_file():
+        raise ModelError(f"{gguf_path}: no such GGUF file (a hub GGUF must be downloaded first)")
+    source, sha = convert_gguf(gguf_path)
+    return str(source), f"gguf-sha256:{sha}"
+
+
 def load_base(
     model: str = BUNDLED,
     *,
@@ -130,29 +145,16 @@ def load_base(
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if model == BUNDLED:
-        gguf_path: Path | None = bundled_gguf()
-    elif gguf_file is not None:
-        gguf_path = Path(model) / gguf_file
-        model = str(gguf_path)
-    elif model.endswith(".gguf"):
-        gguf_path = Path(model)
-    else:
-        gguf_path = None
-    if gguf_path is not None:
-        if not gguf_path.is_file():
-            raise ModelError(f"{gguf_path}: no such GGUF file (a hub GGUF must be downloaded first)")
-        source, sha = convert_gguf(gguf_path)
-        source_str, revision = str(source), f"gguf-sha256:{sha}"
-    else:
-        source_str = model
+    if gguf_file is not None:
+        model = str(Path(model) / gguf_file)
+    source_str, gguf_revision = model_source(model)
+    pinned = None if gguf_revision else revision  # a hub revision; a GGUF is pinned by its content
     try:
-        lm = AutoModelForCausalLM.from_pretrained(source_str, revision=revision if gguf_path is None else None, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source_str, revision=revision if gguf_path is None else None)
+        lm = AutoModelForCausalLM.from_pretrained(source_str, revision=pinned, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source_str, revision=pinned)
     except (OSError, ValueError) as exc:  # missing files / unrecognised or broken config
         raise ModelError(f"{model}: cannot load a causal LM ({exc})") from None
-    if gguf_path is None:
-        revision = revision or getattr(lm.config, "_commit_hash", None)
+    revision = gguf_revision or revision or getattr(lm.config, "_commit_hash", None)
     if tokenizer.pad_token_id is None:  # padding is masked out everywhere; any id will do
         tokenizer.pad_token = tokenizer.eos_token
     lm.requires_grad_(False)

@@ -140,7 +140,14 @@ def win_rate(
     _check_lengths(prompts, responses_a, responses_b)
     if not prompts:
         raise ValueError("win_rate needs at least one prompt")
-    a, b = judge.score(prompts, responses_a), judge.score(prompts, responses_b)
+    return compare_scores(judge.score(prompts, responses_a), judge.score(prompts, responses_b), tie_margin=tie_margin)
+
+
+def compare_scores(a: Sequence[float], b: Sequence[float], *, tie_margin: float = 0.0) -> WinRate:
+    """Win rate of scores ``a`` over scores ``b`` given to two responses to the same prompts, in order."""
+    _check_lengths(a, b)
+    if not a:
+        raise ValueError("a win rate needs at least one prompt")
     if not all(math.isfinite(s) for s in (*a, *b)):
         raise ValueError("the judge returned a NaN or infinite score")
     diffs = [x - y for x, y in zip(a, b)]

@@ -9,6 +9,8 @@ are scored from the same forward passes.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -158,11 +160,12 @@ def run_method(
     except StageMissing:  # a read-only cache (the study's --cached-only): report without preference accuracy
         raw["preferences"] = {}
     for policy in (p for p in method.policies if p.name in method.respond):
-        raw["responses"][policy.name] = cache.get(
-            f"{method.name}/responses-{policy.name}",
-            {**common, "prompts": digest(list(win_prompts)), "policy": vars(policy), "max_new_tokens": plan.max_new_tokens},
-            lambda policy=policy: respond(qmodel, policy, win_prompts, plan, bar, method.name),
-        )
+        with contextlib.suppress(StageMissing):  # a read-only cache: report the policies that answered
+            raw["responses"][policy.name] = cache.get(
+                f"{method.name}/responses-{policy.name}",
+                {**common, "prompts": digest(list(win_prompts)), "policy": vars(policy), "max_new_tokens": plan.max_new_tokens},
+                lambda policy=policy: respond(qmodel, policy, win_prompts, plan, bar, method.name),
+            )
     return raw
 
 

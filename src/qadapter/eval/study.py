@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -40,7 +41,8 @@ from ..hardware import EVAL_PRECISION, precision_name
 from ..progress import Progress
 from . import frontier
 from .experiment import prepare_judge
-from .judge import Judge
+from .judge import Judge, WinRate, compare_scores
+from .reward_model import train_reward_model
 from .retention import PolicySpec, bits_per_byte
 from .runner import EvalPlan, Method, StageCache, StageMissing, adapter_digest, digest, general_texts, metrics, paired_records, run_method
 
@@ -91,6 +93,7 @@ class Setting:
     win_prompts: int = 200
     bpb_texts: int = 200
     seed: int = 0
+    judge_model: str = "bundled"  # the base the reward-model judge is trained from
     records: dict[str, list[PreferenceRecord]] = field(default_factory=dict)
 
     def split(self) -> dict[str, list[PreferenceRecord]]:
@@ -205,7 +208,7 @@ def loaded(group: Group) -> Iterator[Any]:
 
 
 def run_stage(
-    setting: Setting, plan: EvalPlan, cache: StageCache, bar: Progress, *, respond: bool, judge: Judge | None, only: set[str] | None = None, log: Any = print
+    setting: Setting, plan: EvalPlan, cache: StageCache, bar: Progress, *, respond: bool, only: set[str] | None = None, log: Any = print
 ) -> dict[str, Any]:
     """Every group's raw results for ``plan`` (computed or read from the cache); groups outside ``only``
     (when given) are read from the cache alone."""
@@ -247,10 +250,69 @@ def bpb_texts(tokenizer: Any, plan: EvalPlan, n: int) -> list[tuple[str, str]]:
     return general_texts(tokenizer, plan.data_root, plan.kl_texts + n)[plan.kl_texts :]
 
 
-def assemble(setting: Setting, raws: dict[str, Any], judge: Judge | None, benches: list[str]) -> dict[str, Any]:
-    """The setting's entry of results.json: each method's points in the frontier schema."""
-    base_group = next(g for g in setting.groups if any(p.method == "base" for p in g.points))
-    base_raw = raws.get(base_group.name)
+def base_group(setting: Setting) -> Group:
+    """The group whose passes include the base's own point."""
+    return next(g for g in setting.groups if any(p.method == "base" for p in g.points))
+
+
+Judges = dict[str, tuple[Judge, dict[str, Any]]]  # name → (judge, its held-out accuracy), the primary first
+
+
+def prepare_judges(setting: Setting, folder: Path, train: bool, log: Any = print) -> Judges:
+    """The built-in judge and, once trained (``train``: train it when missing), a TRL reward model on the
+    setting's training split; ordered by held-out pair accuracy, the more accurate judge first (primary)."""
+    split = setting.split()
+    judges = {"builtin": prepare_judge("builtin", folder / "judge", split["train"], split["held_out"])}
+    reward_model = folder / "reward-model"
+    if train and not reward_model.is_dir():
+        started = time.perf_counter()
+        train_reward_model(split["train"], reward_model, model=setting.judge_model, log=log)
+        log(f"{setting.name}: reward model trained in {(time.perf_counter() - started) / 60:.1f} min")
+    if reward_model.is_dir():
+        judges["reward_model"] = prepare_judge(str(reward_model), folder / "judge-reward-model", split["train"], split["held_out"])
+    return dict(sorted(judges.items(), key=lambda item: -item[1][1]["accuracy"]))
+
+
+def judged_win_rates(setting: Setting, raws: dict[str, Any], judges: Judges, cache: StageCache) -> dict[str, dict[str, WinRate]]:
+    """Per policy with answers, per judge: the win rate of its greedy answers over the base's. Every
+    answer set is scored once per judge and cached (rescoring 200 answers with a reward model is slow)."""
+    prompts = setting.prompts()
+    base_answers = raws.get(base_group(setting).name, {}).get("responses", {}).get("base")
+    if base_answers is None:
+        return {}
+
+    def scores(name: str, answers: list[str]) -> list[float]:
+        judge, info = judges[name]
+        inputs = {"judge": [info["name"], info["accuracy"]], "prompts": digest(prompts), "answers": digest(answers)}
+        return cache.get(f"judge-{name}/scores", inputs, lambda: judge.score(prompts, answers))
+
+    out: dict[str, dict[str, WinRate]] = {}
+    for group in setting.groups:
+        answered = raws.get(group.name, {}).get("responses", {})
+        for point in group.points:
+            if point.method != "base" and point.policy.name in answered:
+                out[point.policy.name] = {name: compare_scores(scores(name, answered[point.policy.name]), scores(name, base_answers)) for name in judges}
+    return out
+
+
+def judge_agreement(win_rates: dict[str, dict[str, WinRate]]) -> dict[str, Any] | None:
+    """Whether the judges agree in direction: the points one judge finds significantly better than the base
+    (95% interval above 1/2) and another significantly worse, and the rank correlation of their win rates."""
+    from scipy.stats import spearmanr
+
+    names = sorted({name for rates in win_rates.values() for name in rates})
+    if len(names) < 2 or len(win_rates) < 3:
+        return None
+    direction = lambda w: 1 if w.low > 0.5 else -1 if w.high < 0.5 else 0  # noqa: E731
+    opposed = [policy for policy, rates in win_rates.items() if {direction(rates[n]) for n in names} >= {1, -1}]
+    rho = spearmanr([rates[names[0]].rate for rates in win_rates.values()], [rates[names[1]].rate for rates in win_rates.values()]).statistic
+    return {"judges": names[:2], "spearman": None if math.isnan(rho) else float(rho), "opposite_directions": opposed}
+
+
+def assemble(setting: Setting, raws: dict[str, Any], win_rates: dict[str, dict[str, WinRate]], benches: list[str]) -> dict[str, Any]:
+    """The setting's entry of results.json: each method's points in the frontier schema; ``win_rate`` is
+    the primary (first) judge's, ``win_rates`` every judge's."""
+    base_raw = raws.get(base_group(setting).name)
     methods: dict[str, dict[str, list]] = {}
     if base_raw is None:
         return {"benchmarks": benches, "methods": methods}
@@ -259,7 +321,9 @@ def assemble(setting: Setting, raws: dict[str, Any], judge: Judge | None, benche
         if group.name not in raws:
             continue
         for point in group.points:
-            m = metrics(point.policy.name, raws[group.name], base_raw, judge, prompts)
+            m = metrics(point.policy.name, raws[group.name], base_raw, None, prompts)
+            judged = win_rates.get(point.policy.name, {})
+            primary = next(iter(judged.values()), None)
             retention = {}
             for bench in benches:
                 if bench in m["retention"] and point.method != "base":
@@ -272,8 +336,9 @@ def assemble(setting: Setting, raws: dict[str, Any], judge: Judge | None, benche
             methods.setdefault(point.method, {"points": []})["points"].append({
                 "knob": point.knob,
                 "policy": vars(point.policy),
-                "win_rate": m["win_rate_vs_base"],
-                "win_rate_ci": m.get("win_rate_ci"),
+                "win_rate": primary.rate if primary else None,
+                "win_rate_ci": [primary.low, primary.high] if primary else None,
+                "win_rates": {name: {"rate": w.rate, "ci": [w.low, w.high], "mean_difference": w.mean_difference} for name, w in judged.items()},
                 "pref_accuracy": m["pref_accuracy"],
                 "kl_to_base": m["kl_to_base"],
                 "bpb": bpb.get(point.policy.name, {}).get("mean") if bpb else None,
@@ -330,7 +395,7 @@ def run_setting(
     split = setting.split()
     if "train" in stages and not cached_only:
         train_missing(setting, only)
-    judge, judge_info = prepare_judge("builtin", folder / "judge", split["train"], split["held_out"])
+    judges = prepare_judges(setting, folder, train="judged" in stages and not cached_only)
     plan_for = lambda chosen: EvalPlan(data_root=default_data_dir(), sizes=chosen, max_new_tokens=max_new_tokens, precision=EVAL_PRECISION)  # noqa: E731
     raws: dict[str, Any] = {}
     with Progress(enabled=progress) as bar:
@@ -338,15 +403,18 @@ def run_setting(
         for bench, n in sizes.items():  # benchmark-major: each answers a question across every method
             done[bench] = n
             if "retention" in stages:
-                raws = run_stage(setting, plan_for(dict(done)), cache, bar, respond=False, judge=judge, only=only)
+                raws = run_stage(setting, plan_for(dict(done)), cache, bar, respond=False, only=only)
         if "judged" in stages:
-            raws = run_stage(setting, plan_for(sizes), cache, bar, respond=True, judge=judge, only=only)
+            raws = run_stage(setting, plan_for(sizes), cache, bar, respond=True, only=only)
     benches = [b for b in sizes if b in BENCHMARKS]
-    entry = assemble(setting, raws, judge if "judged" in stages else None, benches)
+    win_rates = judged_win_rates(setting, raws, judges, cache) if "judged" in stages else {}
+    entry = assemble(setting, raws, win_rates, benches)
     return {
         **entry,
         "versus_reference": head_to_head(setting, raws, entry),
-        "judge": judge_info,
+        "judge": next(iter(judges.values()))[1],
+        "judges": {name: info for name, (_, info) in judges.items()},
+        "judge_agreement": judge_agreement(win_rates),
         "n_train_pairs": len(split["train"]),
         "n_held_out_pairs": len(split["held_out"]),
         "n_win_prompts": len(setting.prompts()),
