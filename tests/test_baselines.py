@@ -70,6 +70,7 @@ def test_saved_peer_is_the_trained_model(tiny_model_dir, records, replay_pool, t
     )
     info = json.loads((adapter / BASELINE_FILE).read_text())
     assert info["method"] == method and info["steps"] == 2
+    assert info["environment"]["precision"] == info["precision"] and info["environment"]["versions"]["trl"] == info["trl_version"]
     assert info["trainer"] == ("SFTTrainer" if "sft" in (method, info["replay_base"]) else "DPOTrainer")
     assert info["n_task_rows"] == 16
     expected_replay = replay_count(16, 0.25) if method == "replay" else 0  # 5 of 21 rows

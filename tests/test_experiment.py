@@ -45,7 +45,8 @@ def test_experiment_writes_the_schema_and_resumes(tiny_model_dir, data_root, tmp
     result = CliRunner().invoke(app, cmd)
     assert result.exception is None, result.output
     results = json.loads((out / "results.json").read_text())
-    assert {"model", "data", "command", "methods", "sweep", "judge"} <= set(results)
+    assert {"model", "data", "command", "methods", "sweep", "judge", "environment"} <= set(results)
+    assert results["environment"]["precision"] == results["precision"] and "Produced " in (out / "report.md").read_text()
     assert set(results["methods"]) == {"base", "qadapter", "dpo", "replay"}
     assert json.loads((out / "replay" / "adapter" / "baseline.json").read_text())["replay_base"] == "sft"
     for name, m in results["methods"].items():

@@ -28,7 +28,7 @@ def tiny_setting(tiny_model_dir, tmp_path) -> Setting:
 def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     setting = tiny_setting(tiny_model_dir, tmp_path)
-    entry = run_setting(setting, tmp_path / "study", ["retention", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
+    entry = run_setting(setting, tmp_path / "study", ["retention", "bpb", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
     methods = entry["methods"]
     assert set(methods) == {"base", "qadapter", "dpo", "dpo_dial", "dpo_interp"}  # the untrained group is skipped
     assert [p["knob"] for p in methods["qadapter"]["points"]] == [{"alpha_0": 1.0}, {"alpha_0": 0.5}]
@@ -56,10 +56,15 @@ def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_
     partial = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention"], {"arc_easy": 8, "piqa": 7}, max_new_tokens=4, progress=False, cached_only=True)
     assert partial["methods"] == {}  # piqa=7 never ran: every group is left out, nothing is computed
     assert sorted(p.name for p in (tmp_path / "study" / "tiny" / "cache").rglob("*.json")) == stages
-    again = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
+    again = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention", "bpb", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
     assert again == entry and sorted(p.name for p in (tmp_path / "study" / "tiny" / "cache").rglob("*.json")) == stages  # all from the cache
+    (tmp_path / "study" / "tiny" / "reward-model").rename(tmp_path / "elsewhere")  # 540 MB at full size: not committed
+    absent = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention", "bpb", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False, cached_only=True)
+    assert absent == entry  # its scores are cached
     results = {"settings": {"tiny": entry}}
-    assert "At matched alignment" in frontier.markdown(results) and "Head to head" in frontier.markdown(results) and json.dumps(results)
+    text = frontier.markdown(results)
+    assert "At matched alignment" in text and "Head to head" in text and json.dumps(results)
+    assert "Judges, the primary (more accurate) first: `" in text and "win rate vs base (" + " / ".join(entry["judges"]) + ")" in text
     frontier.plot(entry, tmp_path / "frontier.png", "tiny")
     assert (tmp_path / "frontier.png").stat().st_size > 0
     one = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention"], {"arc_easy": 8, "piqa": 6, "hellaswag": 3}, max_new_tokens=4, progress=False, only={"dpo"})
@@ -72,6 +77,9 @@ def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_
     partial = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False, cached_only=True)
     point = partial["methods"]["qadapter"]["points"][0]
     assert point["bpb_delta"] is None and point["pref_accuracy"] is None and point["retention"] == entry["methods"]["qadapter"]["points"][0]["retention"]
+    rerun = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
+    assert rerun["methods"]["qadapter"]["points"][0]["pref_accuracy"] is not None  # recomputed
+    assert rerun["methods"]["qadapter"]["points"][0]["bpb_delta"] is None and not list((tmp_path / "study").rglob("bpb-*.json"))  # not asked for
 
 
 def test_matched_alignment_picks_the_closest_win_rate():

@@ -42,6 +42,7 @@ def test_learns_marker_preference(tiny_model_dir, split, tmp_path, precision):
     for key in ("pref_accuracy_before", "pref_accuracy_after", "n_eval_pairs", "train_seconds"):
         assert key in saved
     assert saved["n_eval_pairs"] == len(eval_records)
+    assert saved["environment"]["versions"]["torch"] == torch.__version__ and saved["environment"]["date"]  # what produced it
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
 
 

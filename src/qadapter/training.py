@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import objective
+from . import environment, objective
 from .atomic import write_json_atomic
 from .checkpoint import latest_checkpoint, load_trainer_state, restore_trainer_state, rng_state, save_adapter, save_checkpoint
 from .collate import TokenizedPair, collate_pairs, prompt_grouped_batches, tokenize_records
@@ -423,6 +423,7 @@ def _final_metrics(run: _Run, state: TrainState, precision: str, eval_precision:
         "precision": precision,
         "eval_precision": eval_precision,
         "processes": run.accelerator.num_processes,
+        "environment": environment.record(),
         **(run_info or {}),
     }
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import environment
 from ..atomic import atomic_dir, write_json_atomic
 from ..checkpoint import write_adapter_files
 from ..config import QAdapterConfig
@@ -167,6 +168,7 @@ def train_baseline(
         "train_seconds": round(train_seconds, 1),
         "precision": precision,
         "trl_version": trl.__version__,
+        "environment": environment.record(precision),
         "log_history": state.log_history,
         "config": config.to_dict(),
         **(run_info or {}),

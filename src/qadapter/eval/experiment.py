@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import environment
 from ..atomic import write_json_atomic
 from ..config import QAdapterConfig
 from ..data import PreferenceRecord
@@ -43,8 +44,13 @@ def prepare_judge(
         judge = RewardModelJudge(spec, precision=precision)
         if fresh:
             write_json_atomic(info_path, {"key": key, "name": spec, **pairwise_accuracy(judge, test).to_dict()})
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    return judge, {"name": info["name"], "accuracy": info["accuracy"], "accuracy_ci": [info["low"], info["high"]], "n": info["n_pairs"]}
+    return judge, judge_info(folder)
+
+
+def judge_info(folder: Path) -> dict[str, Any]:
+    """What :func:`prepare_judge` measured of a judge: its name and held-out pair accuracy with interval."""
+    info = json.loads((folder / "held_out_accuracy.json").read_text(encoding="utf-8"))
+    return {"name": info["name"], "accuracy": info["accuracy"], "accuracy_ci": [info["low"], info["high"]], "n": info["n_pairs"]}
 
 
 def evaluate_and_report(
@@ -62,7 +68,7 @@ def evaluate_and_report(
     """Evaluate ``adapters`` (the first one is swept), then write results.json, report.md and the plot."""
     out = Path(output)
     results = evaluate(adapters, plan, eval_records, prompts, out / "cache", judge=judge[0] if judge else None, sweep=sweep, progress=progress)
-    results = {**(info or {}), **({"judge": judge[1]} if judge else {}), **results}
+    results = {**(info or {}), **({"judge": judge[1]} if judge else {}), **results, "environment": environment.record(results.get("precision"))}
     write_report(results, out)
     return results
 

@@ -17,6 +17,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from ..environment import describe
+
 REFERENCE = "dpo"  # the alignment every method is matched to
 
 
@@ -70,16 +72,42 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+def _win_rates(point: dict[str, Any], judges: list[str]) -> str:
+    """Each judge's win rate, the primary first ("—" where a judge has not scored the point)."""
+    rates = point.get("win_rates") or {}
+    if not rates:
+        return _pct(point.get("win_rate"))
+    return " / ".join(_pct(rates[j]["rate"]) if j in rates else "—" for j in judges)
+
+
+def _judges_line(setting: dict[str, Any]) -> str:
+    """Who judged, how accurate each judge is on held-out pairs, and whether they agree in direction."""
+    parts = [f"`{name}` ({info['name']}): held-out pair accuracy {_pct(info['accuracy'])}% (n={info['n']})" for name, info in setting["judges"].items()]
+    text = "Judges, the primary (more accurate) first: " + "; ".join(parts) + "."
+    agreement = setting.get("judge_agreement")
+    if agreement:
+        rho = agreement["spearman"]
+        opposed = agreement["opposite_directions"]
+        text += f" Rank correlation of their win rates across points: {'—' if rho is None else f'{rho:.2f}'}; "
+        text += f"points judged significantly better by one and worse by the other: {', '.join(opposed) if opposed else 'none'}."
+    return text
+
+
 def markdown(results: dict[str, Any]) -> str:
     """Per setting: every point of every method, then the matched-alignment table."""
     out = io.StringIO()
+    if results.get("environment"):
+        out.write(describe(results["environment"]) + "\n\n")
     for name, setting in results["settings"].items():
         benches = setting.get("benchmarks", [])
         out.write(f"## Setting `{name}`\n\n")
         base = setting["methods"].get("base", {}).get("points", [{}])[0]
         if base.get("retention"):
             out.write("Base accuracy: " + ", ".join(f"{b} {_pct(base['retention'][b]['acc'])}% (n={base['retention'][b]['n']})" for b in benches if b in base["retention"]) + "\n\n")
-        out.write("| method | knob | win rate vs base | KL to base | bpb Δ | pref. acc. | " + " | ".join(f"{b} Δ [95%] McNemar p" for b in benches) + " |\n")
+        judges = list(setting.get("judges") or {})
+        if judges and any(p.get("win_rates") for m in setting["methods"].values() for p in m["points"]):
+            out.write(_judges_line(setting) + "\n\n")
+        out.write(f"| method | knob | win rate vs base ({' / '.join(judges) or 'judge'}) | KL to base | bpb Δ | pref. acc. | " + " | ".join(f"{b} Δ [95%] McNemar p" for b in benches) + " |\n")
         out.write("|---|---|---|---|---|---|" + "---|" * len(benches) + "\n")
         for method, entry in setting["methods"].items():
             if method == "base":
@@ -89,7 +117,7 @@ def markdown(results: dict[str, Any]) -> str:
                 kl = p.get("kl_to_base")
                 bpb = p.get("bpb_delta")
                 out.write(
-                    f"| {method} | {_knob(p['knob'])} | {_pct(p.get('win_rate'))} | {'—' if kl is None else f'{kl:.3f}'} | "
+                    f"| {method} | {_knob(p['knob'])} | {_win_rates(p, judges)} | {'—' if kl is None else f'{kl:.3f}'} | "
                     f"{'—' if bpb is None else f'{bpb:+.4f}'} | {_pct(p.get('pref_accuracy'))} | " + " | ".join(_delta(ret.get(b)) for b in benches) + " |\n"
                 )
         pairs, axis = matched(setting), alignment_axis(setting)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json_atomic
+from ..environment import describe
 from .benchmarks import CHANCE, GENERATIVE
 from .retention import wilson_interval
 
@@ -59,6 +60,8 @@ def markdown(results: dict[str, Any]) -> str:
     out.write(f"# Evaluation: {results.get('model', '')} on {results.get('data', '')}\n\n")
     if results.get("command"):
         out.write(f"Reproduce with:\n\n```\n{results['command']}\n```\n\n")
+    if results.get("environment"):
+        out.write(describe(results["environment"]) + "\n\n")
     out.write(
         "Accuracies in %, with the number of items; for methods, the paired difference to the base on the same "
         "items with its 95% interval and the share of items whose answer changed. Benchmarks marked * have the base "

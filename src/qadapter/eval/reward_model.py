@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import environment
 from ..atomic import atomic_dir
 from ..data import PreferenceRecord
 from .baselines import training_rows
@@ -99,6 +100,7 @@ def train_reward_model(
     info = {
         "trainer": "RewardTrainer",
         "trl_version": trl.__version__,
+        "environment": environment.record(precision),
         "base_model": model,
         "base_revision": revision,
         "settings": asdict(settings),

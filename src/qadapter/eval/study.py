@@ -34,13 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import environment
 from ..atomic import write_json_atomic
 from ..config import QAdapterConfig
 from ..data import PreferenceRecord, data_file, default_data_dir, first_prompts, read_records, split_by_prompt
 from ..hardware import EVAL_PRECISION, precision_name
 from ..progress import Progress
 from . import frontier
-from .experiment import prepare_judge
+from .experiment import judge_info, prepare_judge
 from .judge import Judge, WinRate, compare_scores
 from .reward_model import train_reward_model
 from .retention import PolicySpec, bits_per_byte
@@ -48,7 +49,7 @@ from .runner import EvalPlan, Method, StageCache, StageMissing, adapter_digest, 
 
 BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag")  # where a 135M model is above chance
 DEFAULT_SIZES = {"arc_easy": 1000, "arc_challenge": 1172, "piqa": 1000, "hellaswag": 1000}
-STAGES = ("train", "retention", "judged")
+STAGES = ("train", "retention", "bpb", "judged")
 
 
 @dataclass(frozen=True)
@@ -208,10 +209,11 @@ def loaded(group: Group) -> Iterator[Any]:
 
 
 def run_stage(
-    setting: Setting, plan: EvalPlan, cache: StageCache, bar: Progress, *, respond: bool, only: set[str] | None = None, log: Any = print
+    setting: Setting, plan: EvalPlan, cache: StageCache, bar: Progress, *, respond: bool, bpb: bool, only: set[str] | None = None, log: Any = print
 ) -> dict[str, Any]:
     """Every group's raw results for ``plan`` (computed or read from the cache); groups outside ``only``
-    (when given) are read from the cache alone."""
+    (when given) are read from the cache alone. ``bpb``: compute bits per byte where missing (else
+    report it only where a previous run finished it)."""
     raws = {}
     read_only = StageCache(cache.folder, read_only=True)
     for group in setting.groups:
@@ -220,7 +222,7 @@ def run_stage(
             continue
         started = time.perf_counter()
         try:
-            raws[group.name] = group_stage(group, setting, plan, cache if only is None or group.name in only else read_only, bar, respond)
+            raws[group.name] = group_stage(group, setting, plan, cache if only is None or group.name in only else read_only, bar, respond, bpb)
         except StageMissing as missing:  # with --cached-only, or outside --groups
             log(f"{setting.name}/{group.name}: {missing} not finished yet, skipped")
             continue
@@ -228,7 +230,7 @@ def run_stage(
     return raws
 
 
-def group_stage(group: Group, setting: Setting, plan: EvalPlan, cache: StageCache, bar: Progress, respond: bool) -> dict[str, Any]:
+def group_stage(group: Group, setting: Setting, plan: EvalPlan, cache: StageCache, bar: Progress, respond: bool, bpb: bool) -> dict[str, Any]:
     """One group's raw results for ``plan``: every point's retention, KL, preferences (and answers), and bits per byte."""
     split = setting.split()
     with loaded(group) as qmodel:
@@ -238,8 +240,10 @@ def group_stage(group: Group, setting: Setting, plan: EvalPlan, cache: StageCach
         texts = bpb_texts(qmodel.tokenizer, plan, setting.bpb_texts)
         inputs = {"adapter": adapter_digest(qmodel), "scale": group.scale, "texts": digest(texts), "policies": [vars(p) for p in policies], "precision": plan.precision}
         try:
-            raw["bpb"] = cache.get(f"{group.name}/bpb", inputs, lambda: bits_per_byte(qmodel, texts, policies, precision=plan.precision))
-        except StageMissing:  # --cached-only: bits per byte runs last; report the group without it
+            raw["bpb"] = (cache if bpb else StageCache(cache.folder, read_only=True)).get(
+                f"{group.name}/bpb", inputs, lambda: bits_per_byte(qmodel, texts, policies, precision=plan.precision)
+            )
+        except StageMissing:  # not asked for, or --cached-only: report the group without it
             raw["bpb"] = {}
     return raw
 
@@ -268,9 +272,22 @@ def prepare_judges(setting: Setting, folder: Path, train: bool, log: Any = print
         started = time.perf_counter()
         train_reward_model(split["train"], reward_model, model=setting.judge_model, log=log)
         log(f"{setting.name}: reward model trained in {(time.perf_counter() - started) / 60:.1f} min")
+    measured = folder / "judge-reward-model"
     if reward_model.is_dir():
-        judges["reward_model"] = prepare_judge(str(reward_model), folder / "judge-reward-model", split["train"], split["held_out"])
+        judges["reward_model"] = prepare_judge(str(reward_model), measured, split["train"], split["held_out"])
+    elif measured.is_dir():  # the model (540 MB) is not committed; the scores it gave are, in the cache
+        judges["reward_model"] = (AbsentJudge(reward_model), judge_info(measured))
     return dict(sorted(judges.items(), key=lambda item: -item[1][1]["accuracy"]))
+
+
+@dataclass(frozen=True)
+class AbsentJudge:
+    """A judge whose model is not on this machine: its cached scores are reported, new answers cannot be scored."""
+
+    folder: Path
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
+        raise StageMissing(f"{self.folder} (the reward model; the judged stage trains it again)")
 
 
 def judged_win_rates(setting: Setting, raws: dict[str, Any], judges: Judges, cache: StageCache) -> dict[str, dict[str, WinRate]]:
@@ -283,15 +300,19 @@ def judged_win_rates(setting: Setting, raws: dict[str, Any], judges: Judges, cac
 
     def scores(name: str, answers: list[str]) -> list[float]:
         judge, info = judges[name]
-        inputs = {"judge": [info["name"], info["accuracy"]], "prompts": digest(prompts), "answers": digest(answers)}
+        inputs = {"judge": [name, info["accuracy"], info["n"]], "prompts": digest(prompts), "answers": digest(answers)}  # no path: a moved folder keeps its scores
         return cache.get(f"judge-{name}/scores", inputs, lambda: judge.score(prompts, answers))
 
     out: dict[str, dict[str, WinRate]] = {}
     for group in setting.groups:
         answered = raws.get(group.name, {}).get("responses", {})
         for point in group.points:
-            if point.method != "base" and point.policy.name in answered:
-                out[point.policy.name] = {name: compare_scores(scores(name, answered[point.policy.name]), scores(name, base_answers)) for name in judges}
+            if point.method == "base" or point.policy.name not in answered:
+                continue
+            out[point.policy.name] = {}
+            for name in judges:
+                with contextlib.suppress(StageMissing):  # --cached-only: a judge that has not scored these answers is left out
+                    out[point.policy.name][name] = compare_scores(scores(name, answered[point.policy.name]), scores(name, base_answers))
     return out
 
 
@@ -403,9 +424,9 @@ def run_setting(
         for bench, n in sizes.items():  # benchmark-major: each answers a question across every method
             done[bench] = n
             if "retention" in stages:
-                raws = run_stage(setting, plan_for(dict(done)), cache, bar, respond=False, only=only)
+                raws = run_stage(setting, plan_for(dict(done)), cache, bar, respond=False, bpb="bpb" in stages, only=only)
         if "judged" in stages:
-            raws = run_stage(setting, plan_for(sizes), cache, bar, respond=True, only=only)
+            raws = run_stage(setting, plan_for(sizes), cache, bar, respond=True, bpb="bpb" in stages, only=only)
     benches = [b for b in sizes if b in BENCHMARKS]
     win_rates = judged_win_rates(setting, raws, judges, cache) if "judged" in stages else {}
     entry = assemble(setting, raws, win_rates, benches)
@@ -425,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("experiments/forgetting-study"))
     parser.add_argument("--settings", default="dsp-academy", help="comma-separated: dsp-academy, dsp-academy-strong, hh-harmless-strong")
-    parser.add_argument("--stages", default=",".join(STAGES), help="train (missing adapters), retention (benchmarks, KL, bpb, preference accuracy), judged (answers, win rates)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="train (missing adapters), retention (benchmarks, KL, preference accuracy), bpb (bits per byte: slow), judged (answers, win rates)")
     parser.add_argument("--sizes", default=",".join(f"{k}={v}" for k, v in DEFAULT_SIZES.items()), help="benchmark=items, in the order they run")
     parser.add_argument("--win-prompts", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -446,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
             defaults={"qadapter": {"alpha_0": QAdapterConfig().alpha_0, "alpha_tilde": QAdapterConfig().alpha_tilde}},
             command=" ".join(["python -m qadapter.eval.study", *(argv if argv is not None else sys.argv[1:])]),
             precision=precision_name(EVAL_PRECISION),
+            environment=environment.record(precision_name(EVAL_PRECISION)),
         )
         write_json_atomic(results_path, results)  # after every setting: an interrupted study keeps what it finished
         (args.output / "report.md").write_text(frontier.markdown(results), encoding="utf-8")
