@@ -412,7 +412,7 @@ def sweep(
 
 
 @app.command(rich_help_panel="Evaluate")
-@config_options(QAdapterConfig, "Settings shared by Q-Adapter and its peers")
+@config_options(QAdapterConfig, "Q-Adapter settings (the peers use the LoRA, optimisation and sequence ones)")
 def experiment(
     output: Annotated[Path, typer.Option(help="Experiment folder: qadapter/, sft/, dpo/, replay/, judge/, cache/, report.md, results.json.")] = Path("experiments/dsp-academy"),
     model: BaseModelOption = "bundled",
