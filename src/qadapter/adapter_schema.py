@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .config import MAX_LORA_RANK, MAX_SCALE, Check, boolean, module_names, number, one_of, optional, problem
+from .config import MAX_LORA_RANK, MAX_SCALE, Check, boolean, lora_targets, number, one_of, optional, problem
 from .errors import ConfigError, ModelError
 
 
@@ -28,9 +28,7 @@ def text(value: Any) -> str | None:
 
 def target_modules(value: Any) -> str | None:
     """A list of plain module names, or 'all-linear'; any other string PEFT would run as a regex."""
-    if value == "all-linear":
-        return None
-    return None if module_names(value) is None else "a list of module names or 'all-linear' (never a regular expression)"
+    return None if lora_targets(value) is None else "a list of module names or 'all-linear' (never a regular expression)"
 
 
 def layer_indices(value: Any) -> str | None:
@@ -110,12 +108,18 @@ def check_against_base(settings: dict[str, Any], path: Path, model: Any) -> None
             raise ConfigError(f"{path}: field 'layers_to_transform' cannot be checked: the base config has no num_hidden_layers")
         if highest >= count:
             raise ConfigError(f"{path}: field 'layers_to_transform' must name layers below {count}, got {highest}")
-    targets = settings["target_modules"]
-    if isinstance(targets, list):
-        names = [name for name, _ in model.named_modules()]
-        unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]  # PEFT's rule for a list
-        if unknown:
-            raise ConfigError(f"{path}: field 'target_modules' names no module of the base model: {unknown[0]!r}")
+    unknown = unknown_targets(settings["target_modules"], model)
+    if unknown:
+        raise ConfigError(f"{path}: field 'target_modules' names no module of the base model: {unknown[0]!r}")
+
+
+def unknown_targets(targets: list[str] | str, model: Any) -> list[str]:
+    """The entries of a target list that name no module of ``model`` by PEFT's rule for a list (the
+    whole name or its dotted tail); none for 'all-linear', which PEFT resolves on the model itself."""
+    if not isinstance(targets, list):
+        return []
+    names = [name for name, _ in model.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
 def lora_shapes(module: torch.nn.Module, r: int) -> dict[str, tuple[int, ...]] | None:

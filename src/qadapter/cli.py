@@ -12,16 +12,24 @@ import json
 import os
 import sys
 import typing
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from .config import ADAPTER_NAME, SCALE, DecodeConfig, QAdapterConfig, ServeLimits
+from . import __version__
+from .config import ADAPTER_NAME, METHOD_FIELDS, SCALE, DecodeConfig, QAdapterConfig, ServeLimits
 from .data import data_file, default_data_dir, first_prompts
 from .errors import ConfigError, QAdapterError
+
+
+def dashed(name: str) -> str:
+    """An option name as declared: 'learning_rate' (TRL's spelling, from HfArgumentParser) → 'learning-rate'."""
+    return name.replace("_", "-")
+
 
 app = typer.Typer(
     name="qadapter",
@@ -29,7 +37,26 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
+    # click normalizes every option token (never a value) with this, so `--learning_rate` is `--learning-rate`
+    # in every command while the help lists each option once.
+    context_settings={"token_normalize_func": dashed},
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"qadapter {__version__}\n" + ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "peft")))
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Show the versions of qadapter, torch, transformers and peft, and exit.")] = False,
+) -> None:
+    """Options of `qadapter` itself, before the command."""
+
 
 # The main job when --data is omitted: DSP (Cheng et al., 2023), "academy" style preferred over the
 # other four; 120 training queries (480 pairs, 120 steps) and 25 held-out queries (≈100 pairs),
@@ -39,10 +66,24 @@ DEFAULT_PREFER = "academy"
 DEFAULT_SLICE = {"max_train_pairs": 480, "max_eval_pairs": 100, "eval_every": 120}
 
 
-def config_options(config_cls: type, panel: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add one option per field of ``config_cls`` to a command, with the field's type, default
-    and help text, so the CLI never restates the config. The command receives them in ``**options``."""
+def _option_type(hint: Any) -> Any:
+    """The option type of a field's type: a union's first member (``list[str] | str`` → ``list[str]``),
+    Optional where None is another."""
+    if typing.get_origin(hint) is not typing.Union and type(hint).__name__ != "UnionType":
+        return hint
+    members = typing.get_args(hint)
+    first = next(a for a in members if a is not type(None))
+    return Optional[first] if type(None) in members else first
+
+
+def config_options(config_cls: type, panel: str, skip: Collection[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add one option per field of ``config_cls`` (but those in ``skip``, which the command does not use) to a
+    command, with the field's type, default and help text, so the CLI never restates the config. The command
+    receives them in ``**options``; :func:`pick` makes the config from them."""
     hints = typing.get_type_hints(config_cls)
+    unknown = set(skip) - {f.name for f in dataclasses.fields(config_cls)}
+    if unknown:
+        raise ValueError(f"config_options: {config_cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(func)
@@ -53,14 +94,13 @@ def config_options(config_cls: type, panel: str) -> Callable[[Callable[..., Any]
             if p.kind is not inspect.Parameter.VAR_KEYWORD
         ]
         for f in dataclasses.fields(config_cls):
+            if f.name in skip:
+                continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            hint = hints[f.name]
-            if typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType":  # X | None
-                hint = Optional[next(a for a in typing.get_args(hint) if a is not type(None))]
             option = typer.Option(
                 help=f.metadata.get("help", ""), rich_help_panel=panel, parser=f.metadata.get("parse"), metavar=f.metadata.get("metavar")
             )
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hint, option]))
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[_option_type(hints[f.name]), option]))
         func.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
         return func
 
@@ -68,8 +108,9 @@ def config_options(config_cls: type, panel: str) -> Callable[[Callable[..., Any]
 
 
 def pick(config_cls: type, options: dict[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return config_cls(**{k: v for k, v in options.items() if k in names})
+    """The config from a command's ``**options``; a field's ``collect`` turns its option's values into the field's value."""
+    collect = {f.name: f.metadata.get("collect", lambda value: value) for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: collect[k](v) for k, v in options.items() if k in collect})
 
 
 def _console(stderr: bool = False):
@@ -207,7 +248,7 @@ class BaselineMethod(str, Enum):
 
 
 @app.command(rich_help_panel="Train")
-@config_options(QAdapterConfig, "Shared settings (LoRA, optimisation, sequences; the Q-Adapter method fields are unused)")
+@config_options(QAdapterConfig, "Shared settings (LoRA, optimisation, sequences)", skip=METHOD_FIELDS)
 def baseline(
     method: Annotated[BaselineMethod, typer.Argument(help="sft: SFT on chosen responses; dpo: TRL's DPOTrainer; replay: DPO or SFT with base-model replay data mixed in.")],
     model: BaseModelOption = "bundled",
@@ -371,7 +412,7 @@ def sweep(
 
 
 @app.command(rich_help_panel="Evaluate")
-@config_options(QAdapterConfig, "Settings shared by Q-Adapter and its peers")
+@config_options(QAdapterConfig, "Q-Adapter settings (the peers use the LoRA, optimisation and sequence ones)")
 def experiment(
     output: Annotated[Path, typer.Option(help="Experiment folder: qadapter/, sft/, dpo/, replay/, judge/, cache/, report.md, results.json.")] = Path("experiments/dsp-academy"),
     model: BaseModelOption = "bundled",
@@ -422,11 +463,12 @@ def _relaunch(num_processes: int) -> int:
     import subprocess
 
     args, rest = [], iter(sys.argv[1:])
-    for arg in rest:  # the same command minus --num-processes N / --num-processes=N
-        if arg == "--num-processes":
-            next(rest, None)
-        elif not arg.startswith("--num-processes="):
+    for arg in rest:  # the same command minus --num-processes N / --num-processes=N (or --num_processes)
+        name, equals, _ = arg.partition("=")
+        if dashed(name) != "--num-processes":
             args.append(arg)
+        elif not equals:
+            next(rest, None)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes)]
     return subprocess.call([*launcher, "-m", "qadapter", *args])
 

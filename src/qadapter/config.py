@@ -29,6 +29,7 @@ MAX_EPOCHS = 1e4
 MAX_LORA_RANK = 65536  # the base's hidden size bounds it further when the adapter is built
 MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # a plain module name or dotted path, never a pattern
 MAX_MODULE_NAMES = 1024
+ALL_LINEAR = "all-linear"  # PEFT resolves it to every linear layer but the output head
 
 
 def is_number(value: Any) -> bool:
@@ -82,6 +83,18 @@ def module_names(value: Any) -> str | None:
         and all(isinstance(name, str) and len(name) <= 256 and MODULE_NAME.fullmatch(name) for name in value)
     )
     return None if ok else f"a list of 1 to {MAX_MODULE_NAMES} module names (letters, digits, '_' and '.')"
+
+
+def lora_targets(value: Any) -> str | None:
+    """Module names, or PEFT's 'all-linear' (the only string PEFT does not run as a regex)."""
+    expected = None if value == ALL_LINEAR else module_names(value)
+    return expected and f"{expected} or {ALL_LINEAR!r}"
+
+
+def parse_targets(values: list[str]) -> list[str] | str:
+    """The CLI's ``--target-modules`` (comma-separated, repeatable) → a list of names, or 'all-linear' alone."""
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    return ALL_LINEAR if names == [ALL_LINEAR] else names
 
 
 def problem(name: str, value: Any, check: Check) -> str | None:
@@ -155,9 +168,17 @@ class QAdapterConfig:
     lora_r: int = field(default=8, metadata=_help("LoRA rank r >= 1, at most the base model's hidden size.", number(1, MAX_LORA_RANK, integer=True)))
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling α_LoRA in (0, 1e4] (the update is scaled by α_LoRA/r).", SCALE))
     lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA input during training, in [0, 1).", number(0, 1, high_open=True)))
-    target_modules: list[str] = field(
+    target_modules: list[str] | str = field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        metadata=_help("Module names that get LoRA (default: attention query and value projections).", module_names),
+        metadata={
+            **_help(
+                f"Module names that get LoRA, comma-separated (default: attention query and value projections), or {ALL_LINEAR!r} "
+                "(every linear layer but the output head, as PEFT resolves it).",
+                lora_targets,
+            ),
+            "collect": parse_targets,  # the CLI's values → the field
+            "metavar": "NAME,...",
+        },
     )
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float = field(default=1e-3, metadata=_help("Peak AdamW learning rate, in (0, 1].", number(0, 1, low_open=True)))
@@ -209,6 +230,10 @@ class QAdapterConfig:
     def replace(self, **changes: Any) -> "QAdapterConfig":
         return dataclasses.replace(self, **changes)
 
+
+# The fields of the method itself; the LoRA, optimisation and sequence fields are shared with its peers
+# (sft, dpo and replay train with TRL on the same settings).
+METHOD_FIELDS = ("q_form", "alpha_0", "alpha_tilde", "gamma", "beta", "value_state", "length_normalize")
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # no '+', ',', '=', '.': they separate names in model ids and CLI values
 

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from . import objective
-from .adapter_schema import check_rank, lora_config_from
+from .adapter_schema import check_rank, lora_config_from, unknown_targets
 from .atomic import atomic_dir
 from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, BaseIdentity, check_adapter_names, check_base, check_fits, check_same_base, hub_revision, read_adapter, save_adapter
 from .collate import PreferenceBatch, SharedContexts
-from .config import Dial, QAdapterConfig
+from .config import ALL_LINEAR, Dial, QAdapterConfig
 from .errors import ModelError
 from .objective_hidden import kl_from_hidden, taken_logprobs_from_hidden, token_terms_from_hidden
 
@@ -178,13 +178,14 @@ def load_base(
 
 
 def lora_config(config: QAdapterConfig):
+    """PEFT's LoraConfig for ``config``; PEFT resolves 'all-linear' and saves the names it chose in adapter_config.json."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules),
+        target_modules=config.target_modules,  # PEFT copies a list into a set
         task_type="CAUSAL_LM",
     )
 
@@ -224,9 +225,9 @@ class QAdapterModel:
         check_unused(base)
         check_rank(config.lora_r, base.model, "lora_r")
         torch.manual_seed(config.seed)  # LoRA A is drawn at random
-        missing = [m for m in config.target_modules if not any(n.split(".")[-1] == m for n, _ in base.model.named_modules())]
+        missing = unknown_targets(config.target_modules, base.model)
         if missing:
-            raise ModelError(f"target_modules {missing} not found in {base.identity.name}")
+            raise ModelError(f"target_modules: {', '.join(missing)} not found in {base.identity.name} (or use {ALL_LINEAR!r})")
         peft_model = get_peft_model(base.model, lora_config(config))
         peft_model.eval()  # new LoRA dropout modules start in training mode; inference is the default
         return cls(peft_model, base.tokenizer, config, base.identity)

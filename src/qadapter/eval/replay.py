@@ -146,7 +146,7 @@ def replay_records(
     top_p: float = 1.0,
     batch_size: int = 8,
     cache_dir: str | Path | None = None,
-    target_modules: list[str] | None = None,
+    target_modules: list[str] | str | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> list[ReplayRecord]:
     """The base model's responses to the first prompts of ``prompts``, ``n`` usable ones.
@@ -212,13 +212,13 @@ def replay_records(
 
 
 @contextmanager
-def _base_policy(base: Any, target_modules: list[str] | None = None) -> Iterator[Any]:
+def _base_policy(base: Any, target_modules: list[str] | str | None = None) -> Iterator[Any]:
     """A :class:`QAdapterModel` view of ``base`` for :func:`qadapter.decode.generate`, which runs the
     base rows with the adapter off; the temporary (zero) LoRA is removed on exit, leaving
     ``base.model`` as it was."""
     from ..model import QAdapterModel
 
-    qmodel = QAdapterModel.create(base, QAdapterConfig(**({"target_modules": list(target_modules)} if target_modules else {})))
+    qmodel = QAdapterModel.create(base, QAdapterConfig(**({"target_modules": target_modules} if target_modules else {})))
     try:
         yield qmodel
     finally:
