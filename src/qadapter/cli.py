@@ -134,6 +134,14 @@ PrecisionOption = Annotated[str, typer.Option(help="Training precision: 'auto' (
 EvalPrecisionOption = Annotated[str, typer.Option(help="Precision of every score (accuracy, retention, KL, judge, answers): 'no' (float32, the default: results do not depend on the machine), 'bf16', 'fp16' or 'auto'.")]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 ReplayBaseOption = Annotated[str, typer.Option(help="replay: train with 'dpo' or 'sft' (base-model replay rows mixed into either).")]
+ReportToOption = Annotated[
+    str,
+    typer.Option(
+        metavar="TRACKER,...",
+        help="Experiment trackers that receive the training logs: 'none', 'all', or accelerate's names (tensorboard, wandb, mlflow, …), "
+        "comma-separated. Local files go to the run folder's logs/.",
+    ),
+]
 
 
 @dataclass
@@ -198,6 +206,7 @@ def train(
     eval_precision: EvalPrecisionOption = "no",
     progress: ProgressOption = True,
     num_processes: Annotated[int, typer.Option(help="Data-parallel processes on this machine (runs `accelerate launch` for you).")] = 1,
+    report_to: ReportToOption = "none",
     **options: Any,
 ) -> None:
     """Train a Q-Adapter on preference pairs and report held-out preference accuracy before and after."""
@@ -228,6 +237,7 @@ def train(
             progress=progress,
             log=console.print,
             run_info=run_info,
+            report_to=report_to,
         )
     except TrainingInterrupted as exc:
         # Why the command stopped and how to continue: stderr, like an error, so a redirected log still shows it.
@@ -267,6 +277,7 @@ def baseline(
     skip_invalid: SkipInvalidOption = False,
     mixed_precision: PrecisionOption = "auto",
     progress: ProgressOption = True,
+    report_to: ReportToOption = "none",
     **options: Any,
 ) -> None:
     """Train a peer with TRL on the same data and LoRA settings as `qadapter train`, saved as an adapter folder."""
@@ -297,6 +308,7 @@ def baseline(
         progress=progress,
         log=console.print,
         run_info={"data": split.data, "prefer": split.prefer, "replay_prompts": replay_prompts, "command": _command_line()},
+        report_to=report_to,
     )
     console.print(f"adapter: {adapter_dir}")
 
@@ -429,6 +441,7 @@ def experiment(
     replay_base: ReplayBaseOption = "dpo",
     eval_precision: EvalPrecisionOption = "no",
     progress: ProgressOption = True,
+    report_to: ReportToOption = "none",
     **options: Any,
 ) -> None:
     """Train Q-Adapter and its peers on the same data, evaluate all side by side, sweep the dial, write the report. Resumable."""
@@ -454,6 +467,7 @@ def experiment(
         info=info,
         progress=progress,
         log=console.print,
+        report_to=report_to,
     )
     console.print(f"report: {output / 'report.md'}")
 

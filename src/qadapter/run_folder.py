@@ -1,8 +1,8 @@
 """The run folder's life: one writer at a time, and nothing of the user's ever deleted.
 
-A run folder (``qadapter train --output DIR``) holds ``adapter/``, ``checkpoints/``, ``metrics.json``
-and the marker ``.qadapter-run``, written when qadapter creates the folder. ``--overwrite`` replaces
-only such a folder (or one holding nothing but those entries, as runs written before the marker
+A run folder (``qadapter train --output DIR``) holds ``adapter/``, ``checkpoints/``, ``metrics.json``,
+the trackers' ``logs/`` and the marker ``.qadapter-run``, written when qadapter creates the folder.
+``--overwrite`` replaces only such a folder (or one holding nothing but those entries, as runs written before the marker
 existed do), never ``/``, the home folder, the working folder or a folder above it; and it replaces
 it only once the new run has written its first checkpoint: until then the old run waits beside it,
 under a hidden name, and comes back if the new run fails.
@@ -27,9 +27,10 @@ from typing import IO
 
 from . import __version__
 from .errors import ConfigError
+from .tracking import LOGS
 
 MARKER = ".qadapter-run"
-RUN_ENTRIES = frozenset({"adapter", "checkpoints", "metrics.json", MARKER})
+RUN_ENTRIES = frozenset({"adapter", "checkpoints", "metrics.json", LOGS, MARKER})
 STALE_PATTERNS = (".*.tmp-*", ".*.old-*")  # what atomic saves leave when killed mid-way
 
 

@@ -5,8 +5,9 @@ records → token ids → prompt-grouped micro-batches → both passes → objec
 optimizer step), ``_evaluate`` (held-out accuracy) and ``_save_checkpoint``, and ``TrainState`` is
 what a checkpoint records of where the run stands.
 accelerate places the model, wraps it for data parallelism (``accelerate launch``) and sets the
-precision; nothing else is delegated. The output folder holds ``adapter/`` (the final adapter),
-``metrics.json`` and ``checkpoints/step-N/`` (adapter + optimizer, scheduler, RNG and progress).
+precision, and sends the history to the experiment trackers asked for; nothing else is delegated. The
+output folder holds ``adapter/`` (the final adapter), ``metrics.json``, ``checkpoints/step-N/``
+(adapter + optimizer, scheduler, RNG and progress) and, with trackers, ``logs/``.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import environment, objective
+from . import environment, objective, tracking
 from .atomic import write_json_atomic
 from .checkpoint import latest_checkpoint, load_trainer_state, restore_trainer_state, rng_state, save_adapter, save_checkpoint
 from .collate import TokenizedPair, collate_pairs, prompt_grouped_batches, tokenize_records
@@ -315,6 +316,7 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
     run_info: dict[str, Any] | None = None,
+    report_to: str | Sequence[str] = tracking.NONE,
 ) -> TrainResult:
     """Train a Q-Adapter on ``train_records``, reporting held-out preference accuracy on ``eval_records``
     before training, every ``eval_every`` steps and at the end.
@@ -322,14 +324,17 @@ def train(
     ``mixed_precision`` is the training precision (``auto``: bf16 where the hardware has it
     natively); ``eval_precision`` the precision of the held-out evaluations (float32 by default, so
     accuracies do not depend on the machine). ``on_nonfinite``: ``"skip"`` drops an optimizer step whose loss or gradient is NaN/inf,
-    ``"stop"`` raises :class:`NonFiniteLoss`. Returns the adapter folder and the metrics written
-    to ``metrics.json``.
+    ``"stop"`` raises :class:`NonFiniteLoss`. ``report_to``: experiment trackers ("tensorboard",
+    "wandb", "all", … as accelerate names them) that receive the history as it grows, their local
+    files in ``output_dir/logs``; a run setting, not the config's, so a resumed run may change it.
+    Returns the adapter folder and the metrics written to ``metrics.json``.
     """
     from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
     if on_nonfinite not in ("skip", "stop"):
         raise ConfigError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
+    log_with = tracking.trackers(report_to)
     output = Path(output_dir)
     on_cpu = default_device().type == "cpu"
     world = PartialState(cpu=on_cpu).num_processes  # cpu=True: several CPU processes use gloo
@@ -342,7 +347,9 @@ def train(
     precision = choose_mixed_precision(default_device(), mixed_precision)
     scoring = choose_mixed_precision(default_device(), eval_precision)
     release_accelerator_precision()
-    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu, gradient_accumulation_steps=accum)
+    accelerator = Accelerator(
+        mixed_precision=precision, cpu=on_cpu, gradient_accumulation_steps=accum, log_with=log_with or None, project_dir=output / tracking.LOGS
+    )
     is_main = accelerator.is_main_process
     if not is_main:  # only rank 0 talks, writes checkpoints and reports
         log = lambda message: None  # noqa: E731
@@ -352,6 +359,7 @@ def train(
         set_seed(config.seed)
         run = _setup(config, train_records, eval_records, accelerator, model, base, resume_from, micro_per_step, log)
         state = _start_or_resume(run, resume_from, log)
+        held.enter_context(tracking.tracked(accelerator, config.to_dict()))  # once the run folder is claimed and the run accepted
         total_steps = run.total_steps
         eval_every = eval_every or max(1, total_steps // 4)
         save_every = save_every or max(1, total_steps // 4)  # cheap: adapter + optimizer state
@@ -368,6 +376,7 @@ def train(
                 state.before = _evaluate(run, bar, "before", scoring)
                 state.eval_seconds = time.perf_counter() - started
                 log(f"held-out preference accuracy before training: {state.before['accuracy']:.3f} ({state.eval_seconds:.0f} s per evaluation)")
+                accelerator.log(tracking.scalars({"eval": state.before}), step=0)
             task = bar.add("train", total_steps, completed=state.step)
             first_step = state.step
             run.qmodel.set_training(True)  # LoRA dropout on; the frozen base stays in eval mode
@@ -381,13 +390,13 @@ def train(
                 if state.step == first_step + 2:  # the first step pays warm-up costs; estimate from the second
                     log(_time_estimate(time.perf_counter() - step_started, state.step, total_steps, eval_every, state.eval_seconds or 0.0))
                 if state.step % max(1, min(10, eval_every)) == 0 or state.step == total_steps:
-                    state.history.append({"step": state.step, "lr": run.scheduler.get_last_lr()[0], **_window_metrics(window, accelerator)})
+                    _record(run, state, {"step": state.step, "lr": run.scheduler.get_last_lr()[0], **_window_metrics(window, accelerator)})
                     window = []
                 bar.update(task, state.step, _status(state))
                 if run.eval_pairs and (state.step % eval_every == 0 or state.step == total_steps):
                     state.last_eval = _evaluate(run, bar, f"step {state.step}", scoring)
                     log(f"step {state.step}/{total_steps}: held-out preference accuracy {state.last_eval['accuracy']:.3f}, margin {state.last_eval['margin_mean']:.2f}")
-                    state.history.append({"step": state.step, "eval": state.last_eval})
+                    _record(run, state, {"step": state.step, "eval": state.last_eval})
                     bar.update(task, state.step, _status(state))
                 stopping = not _all_ranks(not stop.requested, accelerator) and state.step < total_steps
                 if state.step < total_steps and (state.step % save_every == 0 or stopping):
@@ -426,6 +435,12 @@ def _final_metrics(run: _Run, state: TrainState, precision: str, eval_precision:
         "environment": environment.record(),
         **(run_info or {}),
     }
+
+
+def _record(run: _Run, state: TrainState, entry: dict[str, Any]) -> None:
+    """Add ``entry`` to the history (saved in checkpoints and metrics.json) and send its numbers to the trackers."""
+    state.history.append(entry)
+    run.accelerator.log(tracking.scalars(entry), step=entry["step"])
 
 
 def _all_ranks(flag: bool, accelerator: Any) -> bool:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import environment
+from .. import environment, tracking
 from ..atomic import atomic_dir, write_json_atomic
 from ..checkpoint import write_adapter_files
 from ..config import QAdapterConfig
@@ -76,6 +76,7 @@ def train_baseline(
     progress: bool = False,
     log: Callable[[str], None] = print,
     run_info: dict[str, Any] | None = None,
+    report_to: str | Sequence[str] = tracking.NONE,
 ) -> Path:
     """Train the ``method`` peer with TRL and save it as ``output_dir/adapter`` (returned).
 
@@ -88,6 +89,7 @@ def train_baseline(
     most ``replay_max_new_tokens`` (default max_length − max_prompt_length) at ``replay_temperature``
     and cached in ``output_dir``. ``base``: an already loaded base (its model gets the LoRA,
     in place); otherwise ``model`` is loaded (a GGUF is the dequantized plain folder, which TRL accepts).
+    ``report_to``: experiment trackers TRL logs to (as for Q-Adapter), their local files in ``output_dir/logs``.
     """
     from transformers import set_seed
 
@@ -103,6 +105,7 @@ def train_baseline(
         raise ConfigError(f"beta_dpo must be > 0, got {beta_dpo}")
     if not train_records:
         raise DataError("no training records")
+    log_with = trl_trackers(report_to)
     kind = replay_base if method == "replay" else method
     n_replay = replay_count(len(train_records), replay_fraction) if method == "replay" else 0
     output = Path(output_dir)
@@ -144,7 +147,7 @@ def train_baseline(
 
     set_seed(config.seed)  # TRL draws the LoRA initialisation before the Trainer seeds anything
     started = time.perf_counter()
-    peft_model, state, train_loss, n_rows = _run_trl(kind, rows, base, config, device, precision, beta_dpo, world, output, progress)
+    peft_model, state, train_loss, n_rows = _run_trl(kind, rows, base, config, device, precision, beta_dpo, world, output, progress, log_with)
     train_seconds = time.perf_counter() - started
 
     import trl
@@ -182,11 +185,24 @@ def train_baseline(
     return adapter_dir
 
 
+def trl_trackers(report_to: str | Sequence[str]) -> list[str]:
+    """The trackers asked for, among those transformers' Trainer also reports to (accelerate knows a few more)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    names = tracking.trackers(report_to)
+    unsupported = [name for name in names if name != "all" and name not in INTEGRATION_TO_CALLBACK]
+    if unsupported:
+        raise ConfigError(f"report_to: TRL cannot report to {unsupported[0]}; choose among {', '.join(INTEGRATION_TO_CALLBACK)}")
+    return names
+
+
 def _run_trl(
     kind: str, rows: list[dict[str, Any]], base: Any, config: QAdapterConfig, device: Any, precision: str,
-    beta_dpo: float, world: int, output: Path, progress: bool,
+    beta_dpo: float, world: int, output: Path, progress: bool, report_to: list[str],
 ) -> tuple[Any, Any, float, int]:
-    """Train with TRL's SFTTrainer or DPOTrainer; (PEFT model, trainer state, training loss, rows TRL kept)."""
+    """Train with TRL's SFTTrainer or DPOTrainer; (PEFT model, trainer state, training loss, rows TRL kept).
+    TRL saves nothing (a scratch ``output_dir``) unless trackers are asked for: then ``output_dir`` is
+    ``output/logs``, where transformers' TensorBoard callback writes (``runs/DATE_HOST/``)."""
     import datasets
     from transformers import PrinterCallback, TrainingArguments
 
@@ -215,7 +231,7 @@ def _run_trl(
         eval_strategy="no",
         logging_strategy="steps",
         logging_steps=0.05,  # a float < 1 is a fraction of the steps
-        report_to="none",
+        report_to=report_to or "none",
         disable_tqdm=not progress,
     )
     # TRL's default is gradient checkpointing; Q-Adapter keeps activations (transformers 5 renamed the field)
@@ -225,7 +241,8 @@ def _run_trl(
         datasets.disable_progress_bars()  # TRL's dataset preparation bars
     release_accelerator_precision()  # the Trainer's Accelerator takes this run's precision
     try:
-        with tempfile.TemporaryDirectory(prefix=".trl-", dir=output) as trl_dir:  # nothing is saved there
+        with tempfile.TemporaryDirectory(prefix=".trl-", dir=output) as scratch:
+            trl_dir = str(output / tracking.LOGS) if report_to else scratch
             dataset = datasets.Dataset.from_list(rows)
             if kind == "sft":
                 from trl import SFTConfig, SFTTrainer

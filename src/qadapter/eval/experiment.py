@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import environment
+from .. import environment, tracking
 from ..atomic import write_json_atomic
 from ..config import QAdapterConfig
 from ..data import PreferenceRecord
@@ -90,27 +90,34 @@ def run_experiment(
     info: dict[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    report_to: str | Sequence[str] = tracking.NONE,
 ) -> dict[str, Any]:
     """Run (or continue) the experiment in ``output``; returns the results written to ``results.json``.
 
     ``train_records``/``eval_records``: the training slice and the held-out pairs (split by prompt);
     ``judge_records``: (fit, test) pairs for the judge; ``prompts``: held-out prompts every policy
-    answers for the judged win rate; ``replay_base``: the replay peer trains with ``"dpo"`` or ``"sft"``.
+    answers for the judged win rate; ``replay_base``: the replay peer trains with ``"dpo"`` or ``"sft"``;
+    ``report_to``: experiment trackers every training stage logs to, in its own ``logs/``.
     """
     from ..training import train
-    from .baselines import train_baseline
+    from .baselines import train_baseline, trl_trackers
 
+    # A bad tracker name fails now, not after a stage's training; the peers' TRL knows fewer names than accelerate.
+    (trl_trackers if peers else tracking.trackers)(report_to)
     out = Path(output)
     adapters = {"qadapter": out / "qadapter" / "adapter"}
     if not adapters["qadapter"].is_dir():
         log("stage: train Q-Adapter")
-        train(config, train_records, eval_records, out / "qadapter", model=model, resume=True, eval_precision=plan.precision, progress=progress, log=log)
+        train(
+            config, train_records, eval_records, out / "qadapter", model=model, resume=True, eval_precision=plan.precision, progress=progress, log=log, report_to=report_to
+        )
     for peer in peers:
         adapters[peer] = out / peer / "adapter"
         if not adapters[peer].is_dir():
             log(f"stage: train {peer}")
             train_baseline(
-                peer, train_records, out / peer, model=model, config=config, replay_base=replay_base, held_out_records=eval_records, progress=progress, log=log
+                peer, train_records, out / peer, model=model, config=config, replay_base=replay_base, held_out_records=eval_records, progress=progress, log=log,
+                report_to=report_to,
             )
     log("stage: judge")
     prepared = prepare_judge(judge, out / "judge", *judge_records, precision=plan.precision)
