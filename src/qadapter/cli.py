@@ -7,6 +7,7 @@ Known errors print as one line; set QADAPTER_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -22,6 +23,7 @@ import typer
 
 from . import __version__
 from .config import ADAPTER_NAME, METHOD_FIELDS, SCALE, DecodeConfig, QAdapterConfig, ServeLimits
+from .config_file import default_map, read_options
 from .data import data_file, default_data_dir, first_prompts
 from .errors import ConfigError, QAdapterError
 
@@ -86,13 +88,7 @@ def config_options(config_cls: type, panel: str, skip: Collection[str] = ()) -> 
         raise ValueError(f"config_options: {config_cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        signature = inspect.signature(func)
-        own = typing.get_type_hints(func, include_extras=True)  # resolve postponed annotations
-        params = [
-            p.replace(annotation=own.get(p.name, p.annotation))
-            for p in signature.parameters.values()
-            if p.kind is not inspect.Parameter.VAR_KEYWORD
-        ]
+        signature, params = _declared(func)
         for f in dataclasses.fields(config_cls):
             if f.name in skip:
                 continue
@@ -105,6 +101,48 @@ def config_options(config_cls: type, panel: str, skip: Collection[str] = ()) -> 
         return func
 
     return decorate
+
+
+def _declared(func: Callable[..., Any]) -> tuple[inspect.Signature, list[inspect.Parameter]]:
+    """A command's signature and its parameters but ``**options``, annotations resolved (they are
+    postponed strings here), for decorators that add options."""
+    signature = inspect.signature(func)
+    own = typing.get_type_hints(func, include_extras=True)
+    params = [p.replace(annotation=own.get(p.name, p.annotation)) for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return signature, params
+
+
+def _read_config_file(ctx: typer.Context, path: Optional[Path]) -> None:
+    """--config's callback: it runs first (eager), so the file's values become the other options' defaults."""
+    if path is not None:
+        ctx.default_map = {**(ctx.default_map or {}), **default_map(ctx, read_options(path), path)}
+
+
+ConfigFileOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        is_eager=True,
+        expose_value=False,
+        callback=_read_config_file,
+        help="YAML or JSON file of this command's options (keys: option names, e.g. max-steps: 100); options given here override it.",
+    ),
+]
+
+
+def config_file_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --config FILE to a command. Typer passes every option to the command, even one that exposes no
+    value, so the command is wrapped to drop it."""
+    signature, params = _declared(func)
+    config = inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigFileOption)
+
+    @functools.wraps(func)
+    def command(*args: Any, config_file: None = None, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    command.__signature__ = signature.replace(parameters=[*params, config])  # type: ignore[attr-defined]
+    return command
 
 
 def pick(config_cls: type, options: dict[str, Any]) -> Any:
@@ -187,6 +225,7 @@ def _command_line() -> str:
 
 
 @app.command(rich_help_panel="Train")
+@config_file_option
 @config_options(QAdapterConfig, "Q-Adapter settings")
 def train(
     model: BaseModelOption = "bundled",
@@ -258,6 +297,7 @@ class BaselineMethod(str, Enum):
 
 
 @app.command(rich_help_panel="Train")
+@config_file_option
 @config_options(QAdapterConfig, "Shared settings (LoRA, optimisation, sequences)", skip=METHOD_FIELDS)
 def baseline(
     method: Annotated[BaselineMethod, typer.Argument(help="sft: SFT on chosen responses; dpo: TRL's DPOTrainer; replay: DPO or SFT with base-model replay data mixed in.")],
@@ -369,6 +409,7 @@ def _prompts(records: list, n: int) -> list:
 
 
 @app.command(name="eval", rich_help_panel="Evaluate")
+@config_file_option
 def evaluate_(
     adapter: NamedAdapters,
     output: Annotated[Path, typer.Option(help="Report folder: report.md, results.json, dial.png/csv, cache/ (resumable).")] = Path("reports/eval"),
@@ -401,6 +442,7 @@ def evaluate_(
 
 
 @app.command(rich_help_panel="Evaluate")
+@config_file_option
 def sweep(
     adapter: Annotated[Path, typer.Option(help="The Q-Adapter to sweep (adapter or run folder).")],
     sweep: SweepOption = "0.25,0.5,1,2,4,8",
@@ -424,6 +466,7 @@ def sweep(
 
 
 @app.command(rich_help_panel="Evaluate")
+@config_file_option
 @config_options(QAdapterConfig, "Q-Adapter settings (the peers use the LoRA, optimisation and sequence ones)")
 def experiment(
     output: Annotated[Path, typer.Option(help="Experiment folder: qadapter/, sft/, dpo/, replay/, judge/, cache/, report.md, results.json.")] = Path("experiments/dsp-academy"),
@@ -523,6 +566,7 @@ def _load_adapters(values: list[str], model: str | None, allow_base_mismatch: bo
 
 
 @app.command(rich_help_panel="Use")
+@config_file_option
 @config_options(DecodeConfig, "Decoding")
 def generate(
     prompt: Annotated[list[str], typer.Argument(help="One or more prompts (each becomes a user turn of the chat template).")],
@@ -558,6 +602,7 @@ def generate(
 
 
 @app.command(rich_help_panel="Use")
+@config_file_option
 @config_options(ServeLimits, "Limits")
 def serve(
     adapter: AdapterOption,
