@@ -28,7 +28,7 @@ def tiny_setting(tiny_model_dir, tmp_path) -> Setting:
 def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     setting = tiny_setting(tiny_model_dir, tmp_path)
-    entry = run_setting(setting, tmp_path / "study", ["retention", "bpb", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
+    entry = run_setting(setting, tmp_path / "study", ["retention", "bpb", "judge", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
     methods = entry["methods"]
     assert set(methods) == {"base", "qadapter", "dpo", "dpo_dial", "dpo_interp"}  # the untrained group is skipped
     assert [p["knob"] for p in methods["qadapter"]["points"]] == [{"alpha_0": 1.0}, {"alpha_0": 0.5}]
@@ -56,10 +56,10 @@ def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_
     partial = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention"], {"arc_easy": 8, "piqa": 7}, max_new_tokens=4, progress=False, cached_only=True)
     assert partial["methods"] == {}  # piqa=7 never ran: every group is left out, nothing is computed
     assert sorted(p.name for p in (tmp_path / "study" / "tiny" / "cache").rglob("*.json")) == stages
-    again = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention", "bpb", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
+    again = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention", "bpb", "judge", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False)
     assert again == entry and sorted(p.name for p in (tmp_path / "study" / "tiny" / "cache").rglob("*.json")) == stages  # all from the cache
     (tmp_path / "study" / "tiny" / "reward-model").rename(tmp_path / "elsewhere")  # 540 MB at full size: not committed
-    absent = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention", "bpb", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False, cached_only=True)
+    absent = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention", "bpb", "judge", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False, cached_only=True)
     assert absent == entry  # its scores are cached
     results = {"settings": {"tiny": entry}}
     text = frontier.markdown(results)

@@ -49,7 +49,7 @@ from .runner import EvalPlan, Method, StageCache, StageMissing, adapter_digest, 
 
 BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag")  # where a 135M model is above chance
 DEFAULT_SIZES = {"arc_easy": 1000, "arc_challenge": 1172, "piqa": 1000, "hellaswag": 1000}
-STAGES = ("train", "retention", "bpb", "judged")
+STAGES = ("train", "retention", "bpb", "judge", "judged")
 
 
 @dataclass(frozen=True)
@@ -416,7 +416,7 @@ def run_setting(
     split = setting.split()
     if "train" in stages and not cached_only:
         train_missing(setting, only)
-    judges = prepare_judges(setting, folder, train="judged" in stages and not cached_only)
+    judges = prepare_judges(setting, folder, train="judge" in stages and not cached_only)
     plan_for = lambda chosen: EvalPlan(data_root=default_data_dir(), sizes=chosen, max_new_tokens=max_new_tokens, precision=EVAL_PRECISION)  # noqa: E731
     raws: dict[str, Any] = {}
     with Progress(enabled=progress) as bar:
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("experiments/forgetting-study"))
     parser.add_argument("--settings", default="dsp-academy", help="comma-separated: dsp-academy, dsp-academy-strong, hh-harmless-strong")
-    parser.add_argument("--stages", default=",".join(STAGES), help="train (missing adapters), retention (benchmarks, KL, preference accuracy), bpb (bits per byte: slow), judged (answers, win rates)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="train (missing adapters), retention (benchmarks, KL, preference accuracy), bpb (bits per byte: slow), judge (train the reward-model judge: slow), judged (answers, win rates by every judge there is)")
     parser.add_argument("--sizes", default=",".join(f"{k}={v}" for k, v in DEFAULT_SIZES.items()), help="benchmark=items, in the order they run")
     parser.add_argument("--win-prompts", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=128)
