@@ -165,33 +165,36 @@ def running(app):  # used by the server tests
 
 
 @torch.no_grad()
-def reference_generate(qmodel, prompt: list[int], max_new_tokens: int, dial=None) -> list[int]:
-    """The decoding engine's test oracle, read as nanoGPT's ``generate``: one prompt, no cache, no
-    batching, greedy. Per step a full forward of the base and one of each adapter, the customized
-    logits (Σ_i w_i·Q_i + α₀ log π₁)/α̃, argmax, append; it stops after EOS."""
+def reference_logits(qmodel, ids: list[int], dial=None) -> torch.Tensor:
+    """The customized policy's next-token logits after ``ids``, computed plainly: a full forward of the
+    base and one of each adapter, then (Σ_i w_i·Q_i + α₀ log π₁)/α̃. Returns (1, V)."""
     from qadapter import objective
     from qadapter.config import Dial
-    from qadapter.decode import eos_ids
 
     dial = (dial or Dial()).resolve(qmodel.adapters)
     model, first = qmodel.peft_model, next(iter(qmodel.adapters))
-    idx = torch.tensor([prompt])  # (1, T)
+    idx = torch.tensor([ids])  # (1, T)
+    with model.disable_adapter():
+        base = model(input_ids=idx).logits[:, -1].float()  # the base π₁'s logits at the last position, (1, V)
+    q = torch.zeros_like(base)  # Σ_i w_i·Q_i, (1, V)
+    for name, weight in dial.weights.items():
+        model.set_adapter(name)  # this adapter alone
+        adapted = model(input_ids=idx).logits[:, -1].float()  # (1, V)
+        q += weight * objective.q_values(adapted, base, qmodel.adapters[name].q_form)
+    model.set_adapter(first)
+    return objective.combined_logits(q, torch.log_softmax(base, -1), dial.alpha_0, dial.alpha_tilde)  # (1, V)
+
+
+def reference_generate(qmodel, prompt: list[int], max_new_tokens: int, dial=None) -> list[int]:
+    """The decoding engine's test oracle, read as nanoGPT's ``generate``: one prompt, no cache, no
+    batching, greedy. Per step :func:`reference_logits`, argmax, append; it stops after EOS."""
+    from qadapter.decode import eos_ids
+
     out: list[int] = []
     for _ in range(max_new_tokens):
-        with model.disable_adapter():
-            base = model(input_ids=idx).logits[:, -1].float()  # the base π₁'s logits at the last position, (1, V)
-        q = torch.zeros_like(base)  # Σ_i w_i·Q_i, (1, V)
-        for name, weight in dial.weights.items():
-            model.set_adapter(name)  # this adapter alone
-            adapted = model(input_ids=idx).logits[:, -1].float()  # (1, V)
-            q += weight * objective.q_values(adapted, base, qmodel.adapters[name].q_form)
-        model.set_adapter(first)
-        logits = objective.combined_logits(q, torch.log_softmax(base, -1), dial.alpha_0, dial.alpha_tilde)  # (1, V)
-        token = logits.argmax(-1)  # greedy, (1,)
-        out.append(int(token))
+        out.append(int(reference_logits(qmodel, prompt + out, dial).argmax(-1)))  # greedy
         if out[-1] in eos_ids(qmodel):
             break
-        idx = torch.cat([idx, token[:, None]], dim=1)  # append: (1, T + 1)
     return out
 
 

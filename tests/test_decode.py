@@ -11,7 +11,7 @@ from qadapter import objective
 from qadapter.config import DecodeConfig, QAdapterConfig
 from qadapter.decode import encode_prompts, eos_ids, generate, generate_ids, token_rows
 from qadapter.model import QAdapterModel, load_base
-from qadapter.sampling import sample_next, top_p_filter
+from qadapter.sampling import sample_next, top_k_filter, top_p_filter
 
 from conftest import engine_rows, reference_generate
 
@@ -111,6 +111,16 @@ def test_top_p_keeps_smallest_nucleus():
     assert torch.isfinite(top_p_filter(logits, 0.6)).tolist() == [[True, True, False]]
     assert torch.isfinite(top_p_filter(logits, 0.5)).tolist() == [[True, False, False]]
     assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+
+
+def test_top_k_keeps_the_k_most_likely_and_comes_before_top_p():
+    """top_k 2 keeps the two largest logits per row, 0 keeps all; in sampling it applies before top_p, which then sees
+    the renormalised pair: noise favouring the third token cannot reach it."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.1, 0.2, 0.3]])
+    assert torch.isfinite(top_k_filter(logits, 2)).tolist() == [[False, True, True, False], [False, False, True, True]]
+    assert torch.isfinite(top_k_filter(logits, 0)).all()
+    noise = torch.tensor([[0.0, 0.0, 0.0, 50.0], [50.0, 0.0, 0.0, 0.0]])
+    assert sample_next(logits, temperature=1.0, top_k=2, noise=noise).tolist() == [1, 3]
 
 
 def test_sample_with_injected_noise_is_gumbel_argmax():

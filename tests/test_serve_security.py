@@ -358,6 +358,17 @@ def test_api_key_is_required(port):
     assert right.chat.completions.create(**CHAT).choices[0].finish_reason in ("stop", "length")
 
 
+def test_health_is_open_and_metrics_and_version_need_the_key(port):
+    """/health answers without the key (a load balancer's probe carries none); /metrics and /version tell about the traffic
+    and the installation, so they need it like the API."""
+    for path, open_ in (("/health", True), ("/metrics", False), ("/version", False)):
+        for auth in ([], [AUTH]):
+            with _connect(port) as sock:
+                sock.sendall(_head("GET", path, b"Connection: close", *auth))
+                raw = _until_closed(sock)
+            assert int(raw.split()[1]) == (200 if auth or open_ else 401), (path, raw[:200])
+
+
 def test_binding_beyond_loopback_needs_a_key_or_insecure():
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         assert check_bind(host, None, False) is False

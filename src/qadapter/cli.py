@@ -619,7 +619,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=1, help="Requests allowed to wait; more are answered 429.")] = 256,
     **options: Any,
 ) -> None:
-    """Serve the customized policy over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve the customized policy over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models; /health, /version, /metrics)."""
     try:
         from .serve import check_bind
         from .serve import serve as run_server

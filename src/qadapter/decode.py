@@ -7,7 +7,8 @@ retraining.
 
 One engine: :class:`DecodeBatch` runs the forwards, and :func:`decode_step` turns one step's logits
 into tokens for every running :class:`Stream` (EOS barred below its ``min_tokens``, one draw per
-sampling setting, EOS / stop strings / ``max_tokens`` ending it). :func:`generate_ids`, the server's
+sampling setting or per stream with its own generator, the policy's log-probabilities where asked,
+EOS / stop strings / ``max_tokens`` ending it). :func:`generate_ids`, the server's
 scheduler and the lm-eval plugin all drive these two; they differ only in when sequences join and leave.
 """
 
@@ -27,7 +28,7 @@ from .config import DecodeConfig, Dial
 from .data import Message
 from .hardware import MixedPrecision, autocast, choose_mixed_precision
 from .model import position_ids
-from .sampling import sample_next
+from .sampling import Sampling, sample_next
 from .objective_hidden import base_coefficient, combined_hidden
 
 Policy = Literal["customized", "base"]
@@ -319,26 +320,42 @@ class StopMatcher:
         return held
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability under its stream's policy, and the ``top`` most likely
+    tokens' as (id, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(eq=False)  # compared and hashed by identity
 class Stream:
     """One sequence being decoded: the policy it samples, how, until when, and what it has produced."""
 
     mixture: Mixture
-    sampling: tuple[float, float]  # (temperature, top_p); temperature 0 is greedy
+    sampling: Sampling
     max_tokens: int
     min_tokens: int = 0  # EOS is barred until this many tokens
     stop: StopMatcher | None = None  # stop strings; None: the text is not followed (nothing is detokenized)
+    # its own draws (a seeded request): its tokens then depend on neither the other streams nor when they run
+    generator: torch.Generator | None = None
+    top_logprobs: int | None = None  # record each token's log-probability and this many alternatives; None: none
     tokens: list[int] = field(default_factory=list)  # generated, EOS excluded
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token of `tokens`, when recorded
     finish: str | None = None  # once it has ended: "stop" (EOS or a stop string), "length", or the caller's reason
     window: tuple[int, int] = (0, 0)  # incremental detokenization: (prefix, read) offsets into `tokens`
 
-    def take(self, token: int, eos: Collection[int], tokenizer: Any) -> str:
-        """Append one sampled token and return the text it completes (with stop strings followed);
-        sets :attr:`finish` when the stream ends."""
+    def take(self, token: int, eos: Collection[int], tokenizer: Any, logprobs: TokenLogprobs | None = None) -> str:
+        """Append one sampled token (and its ``logprobs``) and return the text it completes (with stop
+        strings followed); sets :attr:`finish` when the stream ends."""
         if token in eos:
             self.finish = "stop"
             return self.stop.flush() if self.stop is not None else ""
         self.tokens.append(token)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
         text, stopped = self.stop.feed(self._next_text(tokenizer)) if self.stop is not None else ("", False)
         if stopped:
             self.finish = "stop"
@@ -365,25 +382,45 @@ def decode_step(
 ) -> tuple[torch.Tensor, list[str]]:
     """The step every decoder drives: one token per stream from its row of ``logits``, (n, V) → (n,),
     and the text each token completes. EOS is barred for streams below their ``min_tokens``; streams
-    sharing a sampling setting share one draw; a stream that had already ended gets ``pad`` and no text.
+    sharing a sampling setting share one draw from ``generator``, and a stream with its own generator
+    draws alone from it; a stream that had already ended gets ``pad`` and no text. Streams asking for
+    log-probabilities get them from the log-softmax of their row as it comes: the policy itself, before
+    temperature, top-k, top-p and the EOS bar (vLLM's default, ``raw_logprobs``).
     ``tokenizer`` is needed only for streams with stop strings."""
+    asking = [i for i, s in enumerate(streams) if s.top_logprobs is not None and s.finish is None]
+    logprobs = logits[asking].float().log_softmax(-1) if asking else None  # (r, V), a copy: untouched by the EOS bar
     early = [i for i, s in enumerate(streams) if len(s.tokens) < s.min_tokens]
     if early:
         logits[torch.tensor(early, device=logits.device).unsqueeze(1), torch.tensor(list(eos), device=logits.device)] = float("-inf")
     tokens = torch.empty(len(streams), dtype=torch.long, device=logits.device)
-    groups: dict[tuple[float, float], list[int]] = {}
+    groups: dict[tuple[Sampling, torch.Generator | None], list[int]] = {}
     for i, s in enumerate(streams):
-        groups.setdefault(s.sampling, []).append(i)
-    for (temperature, top_p), rows in groups.items():
-        tokens[rows] = sample_next(logits[rows], temperature=temperature, top_p=top_p, generator=generator)
+        groups.setdefault((s.sampling, s.generator), []).append(i)
+    for (sampling, own), rows in groups.items():
+        tokens[rows] = sample_next(
+            logits[rows], temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            generator=own if own is not None else generator,
+        )
+    recorded = dict(zip(asking, _token_logprobs(logprobs, tokens[asking], [streams[i].top_logprobs for i in asking]))) if asking else {}
     texts = []
     for i, (s, token) in enumerate(zip(streams, tokens.tolist())):  # one CPU-GPU sync per step
         if s.finish is not None:
             tokens[i] = pad
             texts.append("")
         else:
-            texts.append(s.take(token, eos, tokenizer))
+            texts.append(s.take(token, eos, tokenizer, recorded.get(i)))
     return tokens, texts
+
+
+def _token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, tops: Sequence[int]) -> list[TokenLogprobs]:
+    """Each row's chosen token with its log-probability and its ``tops[row]`` most likely alternatives; (r, V), (r,)."""
+    chosen = logprobs.gather(-1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    values, ids = logprobs.topk(max(tops), dim=-1)  # (r, k)
+    values, ids = values.tolist(), ids.tolist()
+    return [
+        TokenLogprobs(token, logprob, tuple(zip(ids[row][:k], values[row][:k])))
+        for row, (token, logprob, k) in enumerate(zip(tokens.tolist(), chosen, tops))
+    ]
 
 
 @torch.no_grad()
@@ -401,7 +438,7 @@ def generate_ids(
     generator = torch.Generator(device=qmodel.device).manual_seed(config.seed) if config.seed is not None else None
     policy_mix = mixture(qmodel, config.dial, policy)
     streams = [
-        Stream(policy_mix, (config.temperature, config.top_p), config.max_new_tokens, config.min_new_tokens) for _ in range(input_ids.shape[0])
+        Stream(policy_mix, Sampling(config.temperature, config.top_p), config.max_new_tokens, config.min_new_tokens) for _ in range(input_ids.shape[0])
     ]
     eos, pad = eos_ids(qmodel), qmodel.tokenizer.pad_token_id
     batch = DecodeBatch(qmodel, precision)

@@ -50,6 +50,7 @@ from .. import objective
 from ..config import DecodeConfig, Dial
 from ..decode import DecodeBatch, StopMatcher, Stream, decode_step, eos_ids, mixture
 from ..hardware import EVAL_PRECISION, MixedPrecision, autocast
+from ..sampling import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class QAdapterLM(HFLM):
             return context
         config = self._decode_config(budget, generation_kwargs)
         policy = mixture(self.qmodel, config.dial)
-        streams = [Stream(policy, (config.temperature, config.top_p), budget, stop=StopMatcher(stop or [])) for _ in range(context.shape[0])]
+        streams = [Stream(policy, Sampling(config.temperature, config.top_p), budget, stop=StopMatcher(stop or [])) for _ in range(context.shape[0])]
         produced: list[list[int]] = [[] for _ in streams]  # every token a row emitted, its EOS included
         eos, pad = eos_ids(self.qmodel), self.tokenizer.pad_token_id
         batch = DecodeBatch(self.qmodel, self._precision())

@@ -4,27 +4,31 @@
 
 Model ids: ``base`` (the base model as it is; the dial does not apply), each adapter's name, and
 ``+``-joined combinations such as ``a+b`` (weight 1 each). Besides the OpenAI fields
-(``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``stream``), a request may carry ``alpha_0``
-and ``alpha_tilde`` (the forgetting dial), ``adapter_weights`` (w_i of the model's adapters) and
-``min_tokens`` (as in vLLM).
+(``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``stream``, ``n``, ``seed``, ``logprobs``),
+a request may carry ``alpha_0`` and ``alpha_tilde`` (the forgetting dial), ``adapter_weights`` (w_i
+of the model's adapters), ``min_tokens`` and ``top_k`` (as in vLLM). Any other field is refused with
+a 400 naming it, except OpenAI's at a value that changes nothing (:mod:`~qadapter.serve.schema`).
+Besides ``/v1``: ``/health``, ``/version`` and ``/metrics`` (Prometheus).
 
 One worker thread owns the model (:class:`Scheduler`) and decodes all running requests as one
 :class:`~qadapter.decode.DecodeBatch`: a request adds one row per adapter of its model, plus a base
 row unless the base logits cancel, to ONE forward per step. Finished and disconnected requests leave
-between steps; waiting requests join between steps, oldest first. The event loop only validates,
-queues and streams, so it stays responsive while the worker computes.
+between steps; waiting requests join between steps, oldest first. A request of n choices (or of
+several prompts) is one sequence per choice. The event loop only validates, queues and streams, so
+it stays responsive while the worker computes.
 
 Every client is bounded (:class:`~qadapter.config.ServeLimits`, SECURITY.md): the body's size and
 the time to send the head and the body, the number and length of stop strings (matched in time
 linear in the text, :class:`StopMatcher`), every numeric field, and the prompt by the context. With
-``api_key`` every request needs ``Authorization: Bearer KEY``; without one, only loopback is served
-unless the caller insists (:func:`check_bind`).
+``api_key`` every request but ``/health`` needs ``Authorization: Bearer KEY``; without one, only
+loopback is served unless the caller insists (:func:`check_bind`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import hmac
 import ipaddress
 import itertools
@@ -33,15 +37,16 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import h11
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -50,11 +55,14 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .. import environment
 from ..config import Dial, ServeLimits
 from ..decode import Mixture, StopMatcher, Stream, mixture, token_rows
 from ..errors import ConfigError
-from .scheduler import Event, Job, Scheduler
-from .schema import APIError, ChatBody, CompletionBody, _Body
+from ..sampling import Sampling
+from .metrics import CONTENT_TYPE, RequestMetrics, RequestStats, exposition
+from .scheduler import Event, Job, Scheduler, Scored
+from .schema import MAX_CHOICES, APIError, ChatBody, CompletionBody, _Body
 
 log = logging.getLogger("qadapter.serve")
 DEFAULT_MAX_TOKENS = 256  # when a request names none (capped by the room its prompt leaves)
@@ -63,6 +71,7 @@ DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that
 # has about 4, and tokenizing costs about a second per MB, so the tokenizer's work per request follows the context,
 # not the body limit.
 MAX_CHARS_PER_TOKEN = 32
+OPEN_PATHS = frozenset({"/health"})  # answered without the API key: a load balancer's probe carries none, and it tells nothing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,12 +143,14 @@ class _LimitedBody:
 
 
 class APIKey(AuthenticationBackend):
-    """Every request must carry ``Authorization: Bearer <key>``, compared in constant time."""
+    """Every request but those to :data:`OPEN_PATHS` must carry ``Authorization: Bearer <key>``, compared in constant time."""
 
     def __init__(self, key: str) -> None:
         self.key = key.encode()
 
-    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser]:
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        if conn.url.path in OPEN_PATHS:
+            return None  # Starlette's unauthenticated user; no route asks for more
         scheme, _, token = conn.headers.get("authorization", "").partition(" ")
         # Starlette decodes headers as latin-1, so encoding back gives the bytes the client sent
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), self.key):
@@ -256,35 +267,72 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def _choice(chat: bool, text: str, finish: str | None, stream: bool, first: bool = False) -> dict[str, Any]:
+def _generator(device: Any, seed: int | None, index: int) -> torch.Generator | None:
+    """Choice ``index``'s own generator under a request's ``seed`` (seed + index, as vLLM's choices); None without a seed."""
+    return None if seed is None else torch.Generator(device=device).manual_seed((seed + index) % 2**64)
+
+
+def _usage(prompts: list[list[int]], jobs: list[Job]) -> dict[str, int]:
+    """Tokens of each prompt once (however many choices it has), and of every choice."""
+    prompt, done = sum(map(len, prompts)), sum(len(job.stream.tokens) for job in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+
+def _token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def _chat_logprobs(scored: list[Scored]) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: per token its text, log-probability, UTF-8 bytes and alternatives."""
+    return {"content": [_token(s.token, s.logprob) | {"top_logprobs": [_token(t, lp) for t, lp in s.top]} for s in scored], "refusal": None}
+
+
+def _completion_logprobs(scored: list[Scored], offset: int) -> dict[str, Any]:
+    """OpenAI's legacy completion ``logprobs``; ``text_offset`` counts from ``offset``, the characters of the
+    choice's tokens before these (as vLLM, from the tokens' own texts)."""
+    offsets = list(itertools.accumulate((len(s.token) for s in scored[:-1]), initial=offset)) if scored else []
+    return {
+        "tokens": [s.token for s in scored],
+        "token_logprobs": [s.logprob for s in scored],
+        "top_logprobs": [dict(s.top) for s in scored],
+        "text_offset": offsets,
+    }
+
+
+def _choice(
+    chat: bool, index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None, stream: bool, first: bool = False
+) -> dict[str, Any]:
     if not chat:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
     if not stream:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish}
     delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
-async def _events(job: Job, request: Request | None) -> AsyncIterator[Event]:
-    """The job's events until it ends. A client that goes away cancels the job, which leaves the batch at the
-    next step: a stream's disconnect cancels this generator (Starlette listens for it), and a waiting
-    non-streaming request polls ``request``."""
+async def _events(jobs: list[Job], request: Request | None) -> AsyncIterator[Event]:
+    """A request's events (its jobs share one queue) until every job has ended or one fails. A client that goes
+    away cancels the jobs, which leave the batch at the next step: a stream's disconnect cancels this generator
+    (Starlette listens for it), and a waiting non-streaming request polls ``request``."""
+    events, running = jobs[0].events, len(jobs)
     try:
-        while True:
+        while running:
             if request is None:
-                event = await job.events.get()
+                event = await events.get()
             else:
                 try:
-                    event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return
                     continue
             yield event
-            if event.finish or event.error:
+            if event.error:
                 return
+            running -= event.finish is not None
     finally:
-        job.cancelled = True
+        for job in jobs:
+            job.cancelled = True
 
 
 def create_app(
@@ -295,6 +343,9 @@ def create_app(
     scheduler = Scheduler(qmodel, max_batch_size, max_queue)
     window = context_window(qmodel)
     created = int(time.time())
+    stats = RequestStats()
+    recorded = environment.record()
+    version = {"version": recorded["versions"]["qadapter"], "versions": recorded["versions"], "git": recorded["git"]}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -306,7 +357,8 @@ def create_app(
     app.state.scheduler, app.state.limits = scheduler, limits
     if api_key:  # before any body is read
         app.add_middleware(AuthenticationMiddleware, backend=APIKey(api_key), on_error=_unauthorized)
-    app.add_middleware(BodyLimits, max_bytes=limits.max_request_bytes, timeout=limits.read_timeout)  # outermost: sees every response
+    app.add_middleware(BodyLimits, max_bytes=limits.max_request_bytes, timeout=limits.read_timeout)
+    app.add_middleware(RequestMetrics, stats=stats)  # outermost: sees every response, 413s and 401s too
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -318,7 +370,13 @@ def create_app(
         where = [str(part) for part in error.get("loc", ()) if part != "body"]
         if error.get("type") == "json_invalid":
             return APIError(400, f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})").response()
-        return APIError(400, f"{'.'.join(where) or 'body'}: {error.get('msg')}", param=where[0] if where else None).response()
+        if error.get("type") == "extra_forbidden":
+            message = "not implemented by this server (it refuses what it would otherwise ignore)"
+        elif error.get("type") == "value_error":
+            message = str(error["ctx"]["error"])  # without pydantic's "Value error, " in front
+        else:
+            message = error.get("msg")
+        return APIError(400, f"{'.'.join(where) or 'body'}: {message}", param=where[0] if where else None).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -329,7 +387,24 @@ def create_app(
         return APIError(500, f"internal error: {exc}", kind="server_error").response()
 
     def describe(model_id: str) -> dict[str, Any]:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "qadapter"}
+        """As vLLM: ``root`` the checkpoint served, ``parent`` the entry an adapter entry builds on (as a LoRA's)."""
+        parent = None if model_id == "base" else "base"
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "qadapter", "root": qmodel.identity.name,
+                "parent": parent, "max_model_len": window}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        if not scheduler.alive:
+            raise APIError(503, "the decoding worker is not running", kind="server_error")
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def get_version() -> dict[str, Any]:
+        return version
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(exposition(stats, scheduler), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -353,18 +428,22 @@ def create_app(
         except Exception as exc:  # e.g. a chat template that refuses this sequence of roles
             raise APIError(400, f"cannot render the prompt: {exc}", param="messages" if chat else "prompt") from None
 
-    async def respond(request: Request, body: _Body, prompt: Any, chat: bool, max_tokens: int | None) -> Any:
-        policy = request_mixture(qmodel, body)
-        stops = body.checked_stops(limits.max_stop_chars)
-        where = "messages" if chat else "prompt"
-        chars = sum(len(m["content"]) for m in prompt) if chat else len(prompt)
-        if chars > window * MAX_CHARS_PER_TOKEN:  # cannot fit: refused without spending seconds tokenizing it
+    def check_characters(prompts: list[Any], chat: bool) -> None:
+        """Refuse prompts that cannot fit without spending seconds tokenizing them: at most MAX_CHARS_PER_TOKEN
+        characters per token of the context, for all the prompts of a request together."""
+        chars = sum(sum(len(m["content"]) for m in prompt) if chat else len(prompt) for prompt in prompts)
+        if chars > window * MAX_CHARS_PER_TOKEN:
+            what = "the prompt has" if len(prompts) == 1 else f"the {len(prompts)} prompts have together"
             raise APIError(
                 400,
-                f"the prompt has {chars} characters; this model holds {window} tokens, at most {window * MAX_CHARS_PER_TOKEN} characters",
-                param=where,
+                f"{what} {chars} characters; this model holds {window} tokens, at most {window * MAX_CHARS_PER_TOKEN} characters",
+                param="messages" if chat else "prompt",
                 code="context_length_exceeded",
             )
+
+    async def tokenized(prompt: Any, chat: bool, max_tokens: int | None, min_tokens: int) -> tuple[list[int], int]:
+        """The prompt's token ids and its max_tokens (default: DEFAULT_MAX_TOKENS or the room it leaves), checked against the context."""
+        where = "messages" if chat else "prompt"
         ids = await asyncio.to_thread(encode, prompt, chat)
         room = window - len(ids)
         if not ids:
@@ -379,55 +458,90 @@ def create_app(
                 code="context_length_exceeded",
             )
         max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, room)
-        if body.min_tokens > max_tokens:
-            raise APIError(400, f"min_tokens ({body.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
-        stream = Stream(policy, (body.temperature, body.top_p), max_tokens, body.min_tokens, StopMatcher(stops))
-        job = Job(ids, stream, asyncio.get_running_loop())
-        scheduler.submit(job)
+        if min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
+        return ids, max_tokens
+
+    async def respond(request: Request, body: ChatBody | CompletionBody, prompts: list[Any], chat: bool, max_tokens: int | None) -> Any:
+        """Decode ``body.n`` choices of each prompt, choice ``i * n + j`` the j-th of prompt i (as OpenAI)."""
+        policy = request_mixture(qmodel, body)
+        stops = body.checked_stops(limits.max_stop_chars)
+        alternatives = body.alternatives()
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts × n = {body.n} choices; at most {MAX_CHOICES} per request", param="n")
+        check_characters(prompts, chat)
+        encoded = [await tokenized(prompt, chat, max_tokens, body.min_tokens) for prompt in prompts]
+        sampling = Sampling(body.temperature, body.top_p, max(body.top_k, 0))
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        jobs = []
+        for index, (ids, budget) in enumerate(e for e in encoded for _ in range(body.n)):
+            generator = _generator(qmodel.device, body.seed, index)
+            stream = Stream(policy, sampling, budget, body.min_tokens, StopMatcher(stops), generator=generator, top_logprobs=alternatives)
+            jobs.append(Job(ids, stream, loop, events, index))
+        scheduler.submit(jobs)
+        usage = functools.partial(_usage, [ids for ids, _ in encoded], jobs)  # read once the jobs have ended
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:
             head["object"] = "chat.completion.chunk" if chat else "text_completion"
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(job, head, chat, include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, finish = "", None
-        async for event in _events(job, request):
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(
+                _stream(jobs, head, chat, alternatives is not None, usage if include_usage else None),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        texts, finishes, scored = [""] * len(jobs), [None] * len(jobs), [[] for _ in jobs]
+        async for event in _events(jobs, request):
             if event.error:
                 raise APIError(500, event.error, kind="server_error")
-            text, finish = text + event.text, event.finish
+            texts[event.index] += event.text
+            finishes[event.index] = event.finish
+            scored[event.index] += event.logprobs
         head["object"] = "chat.completion" if chat else "text_completion"
-        return head | {"choices": [_choice(chat, text, finish, False)], "usage": job.usage()}
+        choices = [
+            _choice(chat, i, texts[i], finishes[i], None if alternatives is None else _logprobs(chat, scored[i], 0), False) for i in range(len(jobs))
+        ]
+        return head | {"choices": choices, "usage": usage()}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Any:
         messages = [m.as_dict() for m in body.messages]
-        return await respond(request, body, messages, True, body.max_completion_tokens or body.max_tokens)
+        return await respond(request, body, [messages], True, body.max_completion_tokens or body.max_tokens)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request) -> Any:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "one prompt per request", param="prompt")
-        return await respond(request, body, prompts[0], False, body.max_tokens)
+        return await respond(request, body, prompts, False, body.max_tokens)
 
     return app
 
 
-async def _stream(job: Job, head: dict[str, Any], chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per piece of text, the finish reason, optionally the usage, then [DONE]."""
-    first = True
+def _logprobs(chat: bool, scored: list[Scored], offset: int) -> dict[str, Any]:
+    return _chat_logprobs(scored) if chat else _completion_logprobs(scored, offset)
+
+
+async def _stream(
+    jobs: list[Job], head: dict[str, Any], chat: bool, logprobs: bool, usage: Callable[[], dict[str, int]] | None
+) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per event of a choice (its piece of text, then its finish reason), the
+    usage if asked, then [DONE]."""
+    started: set[int] = set()
+    offsets = [0] * len(jobs)  # per choice, for the completion logprobs' text_offset
     try:
-        async for event in _events(job, None):
+        async for event in _events(jobs, None):
             if event.error:
                 yield _sse({"error": {"message": event.error, "type": "server_error", "param": None, "code": None}})
                 break
-            yield _sse(head | {"choices": [_choice(chat, event.text, event.finish, True, first)]})
-            first = False
+            scored = _logprobs(chat, event.logprobs, offsets[event.index]) if logprobs else None
+            offsets[event.index] += sum(len(s.token) for s in event.logprobs)
+            yield _sse(head | {"choices": [_choice(chat, event.index, event.text, event.finish, scored, True, event.index not in started)]})
+            started.add(event.index)
         else:
-            if include_usage:
-                yield _sse(head | {"choices": [], "usage": job.usage()})
+            if usage is not None:
+                yield _sse(head | {"choices": [], "usage": usage()})
         yield _sse("[DONE]")
     finally:
-        job.cancelled = True  # a client gone mid-stream closes this generator: free the job's rows
+        for job in jobs:
+            job.cancelled = True  # a client gone mid-stream closes this generator: free the jobs' rows
 
 
 def server_config(app: FastAPI, **options: Any) -> uvicorn.Config:

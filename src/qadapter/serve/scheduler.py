@@ -20,31 +20,42 @@ from .schema import APIError
 log = logging.getLogger("qadapter.serve")
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A generated token as text with its log-probability, and its alternatives' (text, log-probability), most likely first."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
 @dataclass
 class Event:
-    """What the worker tells a request: new text, the finish reason once, or an error."""
+    """What the worker tells a request about one of its choices: new text (and the log-probabilities of
+    the tokens since the last event, where asked), the finish reason once, or an error."""
 
+    index: int  # the choice
     text: str = ""
     finish: str | None = None  # "stop" or "length"
     error: str | None = None
+    logprobs: list[Scored] = field(default_factory=list)
 
 
 @dataclass(eq=False)  # compared and hashed by identity
 class Job:
-    """One request on its way through the worker: its prompt, the stream it decodes, where its events go."""
+    """One choice of a request on its way through the worker: its prompt, the stream it decodes, where
+    its events go (a queue the request's choices share)."""
 
     prompt: list[int]
     stream: Stream
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue
+    index: int = 0  # of the choice in its request
     cancelled: bool = False  # set from the event loop when the client goes away
+    reported: int = 0  # tokens whose log-probabilities have been published
 
     def publish(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-    def usage(self) -> dict[str, int]:
-        done = len(self.stream.tokens)
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": done, "total_tokens": len(self.prompt) + done}
 
 
 class Scheduler:
@@ -52,7 +63,8 @@ class Scheduler:
 
     Each iteration admits waiting jobs (oldest first, up to ``max_batch_size`` running; their
     prompts share one prefill forward), samples a token for every running job, lets finished and
-    cancelled jobs leave, and runs ONE forward for all the rest.
+    cancelled jobs leave, and runs ONE forward for all the rest. The counters (tokens, jobs that
+    left) are written by the worker only; ``/metrics`` reads them.
     """
 
     def __init__(self, qmodel: Any, max_batch_size: int = 32, max_queue: int = 256) -> None:
@@ -62,6 +74,8 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []  # in the batch, in its order; touched by the worker only
         self.left: Counter[str] = Counter()  # jobs that left the batch, by why: "stop", "length", "cancelled"
+        self.prompt_tokens = 0  # prefilled, over all jobs that joined
+        self.generated_tokens = 0  # over all jobs that left
         self.wakeup = threading.Condition()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="qadapter-decode", daemon=True)
@@ -76,13 +90,21 @@ class Scheduler:
             self.wakeup.notify()
         self.thread.join()
 
-    def submit(self, job: Job) -> None:
+    @property
+    def alive(self) -> bool:
+        """Whether the worker runs and takes requests."""
+        return self.thread.is_alive() and not self.closed
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue a request's jobs, all or none."""
         with self.wakeup:
             if self.closed:
                 raise APIError(503, "the server is shutting down", kind="server_error")
-            if len(self.waiting) >= self.max_queue:
-                raise APIError(429, f"{len(self.waiting)} requests are already waiting; retry later", kind="rate_limit_error")
-            self.waiting.append(job)
+            if len(self.waiting) + len(jobs) > self.max_queue:
+                raise APIError(
+                    429, f"{len(self.waiting)} sequences are already waiting, at most {self.max_queue} may; retry later", kind="rate_limit_error"
+                )
+            self.waiting.extend(jobs)
             self.wakeup.notify()
 
     def _admit(self, batch: DecodeBatch) -> list[Job]:
@@ -110,6 +132,7 @@ class Scheduler:
                     new = batch.add(ids, mask, [job.stream.mixture for job in joining])  # (joining, V)
                     logits = new if logits is None else torch.cat([logits, new])
                     self.running = self.running + joining
+                    self.prompt_tokens += sum(len(job.prompt) for job in joining)
                 for job in self.running:
                     if job.cancelled:  # leaves without a token; nobody reads its events any more
                         job.stream.finish = "cancelled"
@@ -118,19 +141,33 @@ class Scheduler:
                 alive = []
                 for i, (job, text) in enumerate(zip(self.running, texts)):
                     finish = job.stream.finish
-                    if finish != "cancelled" and (text or finish):
-                        job.publish(Event(text, finish))
-                    if finish:
+                    if finish:  # counted before the client hears of it, so /metrics agrees with the answer it got
                         self.left[finish] += 1
+                        self.generated_tokens += len(job.stream.tokens)
                     else:
                         alive.append(i)
+                    scored = self._scored(job)
+                    if finish != "cancelled" and (text or finish or scored):
+                        job.publish(Event(job.index, text, finish, logprobs=scored))
                 batch.keep(alive)
                 self.running = [self.running[i] for i in alive]
                 logits = batch.step(tokens[alive]) if self.running else None
             except Exception as exc:  # a failed step fails the requests in it, not the server
                 log.exception("decoding step failed")
                 for job in dict.fromkeys(self.running + joining):
-                    job.publish(Event(error=f"decoding failed: {exc}"))
+                    job.publish(Event(job.index, error=f"decoding failed: {exc}"))
                 batch, logits, self.running = DecodeBatch(self.qmodel), None, []
         for job in self.running + list(self.waiting):
-            job.publish(Event(error="the server is shutting down"))
+            job.publish(Event(job.index, error="the server is shutting down"))
+
+    def _scored(self, job: Job) -> list[Scored]:
+        """The log-probabilities the job's stream recorded since it last published, as text (the worker's
+        tokenizer: the worker owns it)."""
+        new = job.stream.logprobs[job.reported :]
+        job.reported += len(new)
+        if not new:
+            return []
+        ids = [entry.token for entry in new] + [token for entry in new for token, _ in entry.top]
+        texts = iter(self.qmodel.tokenizer.batch_decode([[token] for token in ids]))
+        tokens = [next(texts) for _ in new]
+        return [Scored(token, entry.logprob, tuple((next(texts), lp) for _, lp in entry.top)) for token, entry in zip(tokens, new)]
