@@ -142,3 +142,39 @@ def test_adapter_with_non_finite_setting_exits_2(saved_adapter, tmp_path, value,
     proc = _qadapter("generate", "--adapter", str(adapter), "--max-new-tokens", "2", "hello")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"error: {path}: {message}"
+
+
+@pytest.fixture()
+def dataset_dict_folder(tmp_path):
+    """A save_to_disk DatasetDict: 'train' prefers 'good', 'test' prefers 'nice'."""
+    datasets = pytest.importorskip("datasets")
+    rows = {"train": marker_records(6), "test": marker_records(6, seed=1, chosen="nice", rejected="poor")}
+    folder = tmp_path / "dd"
+    datasets.DatasetDict({name: datasets.Dataset.from_list(r) for name, r in rows.items()}).save_to_disk(str(folder))
+    return folder
+
+
+def test_split_data_reads_the_chosen_split(dataset_dict_folder):
+    """--data-split reaches the reader and is recorded with the data's name."""
+    from rich.console import Console
+
+    from qadapter.cli import _split_data
+    from qadapter.config import QAdapterConfig
+
+    split = _split_data(QAdapterConfig(), str(dataset_dict_folder), None, 0.25, None, None, False, Console(quiet=True), "test")
+    assert split.data == f"{dataset_dict_folder} (split=test)"
+    assert all("nice" in r.chosen[0]["content"] for r in split.train + split.held_out)
+
+
+@pytest.mark.parametrize("option", ["--split", "--data-split"])
+def test_split_option_missing_split_lists_the_others(dataset_dict_folder, tmp_path, option):
+    """`--split NAME` is parsed and a missing split stops the command, naming the available ones, before any training."""
+    result = CliRunner().invoke(app, ["train", "--data", str(dataset_dict_folder), option, "valid", "--output", str(tmp_path / "o"), "--no-progress"])
+    assert result.exit_code != 0 and "no split 'valid'; splits: train, test" in str(result.exception)
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_config_option_reaches_the_reader(tmp_path, data_file):
+    """`--data-config` is passed on: a single file, which has no configs, refuses it."""
+    result = CliRunner().invoke(app, ["train", "--data", str(data_file), "--data-config", "x", "--output", str(tmp_path / "o"), "--no-progress"])
+    assert result.exit_code != 0 and "has no splits or configs to choose from" in str(result.exception)

@@ -12,6 +12,8 @@ import pytest
 from qadapter.data import LoadReport, PreferenceRecord, parse_hh_transcript, parse_record, read_records, split_by_prompt
 from qadapter.errors import DataError, QAdapterError
 
+from conftest import marker_records
+
 
 def user(text):
     return {"role": "user", "content": text}
@@ -200,6 +202,47 @@ def test_identical_chosen_and_rejected_raise(obj):
     """A record whose chosen equals its rejected (in any layout) raises DataError."""
     with pytest.raises(DataError, match=r"^o: chosen and rejected are identical$"):
         parse_record(obj, "o")
+
+
+def ultrafeedback(prompt, chosen, rejected, asked=None):
+    """An UltraFeedback-binarized row: the prompt as text, and whole conversations that repeat it."""
+    asked = prompt if asked is None else asked
+    return {"prompt": prompt, "chosen": [user(asked), assistant(chosen)], "rejected": [user(asked), assistant(rejected)]}
+
+
+def test_ultrafeedback_binarized_takes_the_shared_turns_as_prompt():
+    """A text prompt beside whole conversations: the shared opening turns become the prompt."""
+    (rec,) = parse_record(ultrafeedback("tell me about the cat", "the cat sat", "the dog ran"), "f:1")
+    assert rec == PreferenceRecord([user("tell me about the cat")], [assistant("the cat sat")], [assistant("the dog ran")], "f:1")
+
+
+def test_ultrafeedback_binarized_with_system_and_earlier_turns():
+    """The text prompt is the last shared user turn; earlier shared turns stay in the prompt."""
+    opening = [{"role": "system", "content": "be brief"}, user("hi"), assistant("hello"), user("why")]
+    obj = {"prompt": " why ", "chosen": [*opening, assistant("so")], "rejected": [*opening, assistant("no")]}
+    (rec,) = parse_record(obj, "f:1")
+    assert rec.prompt == opening and rec.chosen == [assistant("so")] and rec.rejected == [assistant("no")]
+
+
+def test_ultrafeedback_binarized_prompt_disagreeing_with_conversations_names_line(tmp_path):
+    """A text prompt that is not the conversations' last shared user turn is refused, naming file and line."""
+    path = write_jsonl(tmp_path / "uf.jsonl", [ultrafeedback("a", "b", "c"), ultrafeedback("what is it", "b", "c", asked="what was it")])
+    with pytest.raises(DataError, match=rf"^{path}:2: 'prompt' differs from the last user turn that 'chosen' and 'rejected' share$"):
+        read_records(path)
+
+
+@pytest.mark.parametrize(
+    "chosen, rejected, message",
+    [
+        ([assistant("b")], [assistant("c")], "'chosen' is a message list but 'prompt' is plain text"),
+        ([user("a"), assistant("b")], "c", "'chosen' is a message list but 'prompt' is plain text"),
+        ([user("a"), assistant("b")], [user("x"), assistant("c")], "share no opening turn"),
+    ],
+)
+def test_text_prompt_with_inconsistent_message_lists_is_refused(chosen, rejected, message):
+    """Response-only message lists, a list beside a string, or conversations with different prompts stay refused."""
+    with pytest.raises(DataError, match=message):
+        parse_record({"prompt": "a", "chosen": chosen, "rejected": rejected}, "f:1")
 
 
 def test_plain_chosen_without_prompt_or_transcript_is_rejected():
@@ -536,9 +579,10 @@ def test_missing_file(tmp_path, name):
         read_records(path)
 
 
-def test_directory_is_not_a_data_file(tmp_path):
-    """An existing directory raises DataError instead of being handed to `datasets`."""
-    with pytest.raises(DataError, match="is a folder, not a data file"):
+def test_folder_without_data_names_it(tmp_path):
+    """A folder that is neither a save_to_disk folder nor holds data files raises DataError naming it."""
+    pytest.importorskip("datasets")
+    with pytest.raises(DataError, match=rf"^{tmp_path}: could not load with datasets.load_dataset \(.*doesn't contain any data files"):
         read_records(tmp_path)
 
 
@@ -548,6 +592,110 @@ def test_dataset_name_without_datasets_installed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(DataError, match=r"^someone/prefs: not a file, .*pip install datasets"):
         read_records("someone/prefs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources read through `datasets`
+
+
+def triples(report):
+    return [(r.prompt, r.chosen, r.rejected) for r in report.records]
+
+
+@pytest.fixture()
+def datasets():
+    return pytest.importorskip("datasets")
+
+
+@pytest.fixture()
+def pairs():
+    """Rows of two sets told apart by their words: 'good' beats 'bad' in one, 'nice' beats 'poor' in the other."""
+    return {"train": marker_records(3), "test": marker_records(2, seed=1, chosen="nice", rejected="poor")}
+
+
+def test_read_parquet_file(tmp_path, datasets, pairs):
+    """A .parquet file is read through datasets, row by row, with origins 'file[row]'."""
+    path = tmp_path / "pairs.parquet"
+    datasets.Dataset.from_list(pairs["train"]).to_parquet(str(path))
+    report = read_records(path)
+    assert triples(report) == triples(read_records(pairs["train"]))
+    assert report.records[1].origin == f"{path}[1]"
+
+
+def test_parquet_error_names_row(tmp_path, datasets, pairs):
+    """A malformed Parquet row raises DataError naming the file and row."""
+    path = tmp_path / "pairs.parquet"
+    rows = [*pairs["train"][:2], {**pairs["train"][2], "rejected": pairs["train"][2]["chosen"]}]
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    with pytest.raises(DataError, match=rf"^{path}\[2\]: chosen and rejected are identical$"):
+        read_records(path)
+
+
+def test_read_save_to_disk_dataset_folder(tmp_path, datasets, pairs):
+    """A Dataset saved with save_to_disk is read through load_from_disk; it has no split to choose."""
+    datasets.Dataset.from_list(pairs["train"]).save_to_disk(str(tmp_path / "ds"))
+    assert triples(read_records(tmp_path / "ds")) == triples(read_records(pairs["train"]))
+    with pytest.raises(DataError, match="holds a single split, so split 'test' cannot be chosen"):
+        read_records(tmp_path / "ds", split="test")
+
+
+def test_read_save_to_disk_dataset_dict_folder(tmp_path, datasets, pairs):
+    """A saved DatasetDict: train by default, another split by name, and a missing split lists the others."""
+    folder = tmp_path / "dd"
+    datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in pairs.items()}).save_to_disk(str(folder))
+    assert triples(read_records(folder)) == triples(read_records(pairs["train"]))
+    test = read_records(str(folder), split="test")
+    assert triples(test) == triples(read_records(pairs["test"])) and test.records[0].origin == f"{folder}[test][0]"
+    with pytest.raises(DataError, match=rf"^{folder}: no split 'valid'; splits: train, test$"):
+        read_records(folder, split="valid")
+
+
+def test_read_dataset_and_dataset_dict_objects(datasets, pairs):
+    """Dataset and DatasetDict objects are read like the files they could be saved to."""
+    dataset_dict = datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in pairs.items()})
+    assert triples(read_records(dataset_dict["test"])) == triples(read_records(pairs["test"]))
+    assert triples(read_records(dataset_dict)) == triples(read_records(pairs["train"]))
+    report = read_records(dataset_dict, split="test")
+    assert triples(report) == triples(read_records(pairs["test"])) and report.records[0].origin == "<records>[test][0]"
+    with pytest.raises(DataError, match=r"^<records>: no split 'valid'; splits: train, test$"):
+        read_records(dataset_dict, split="valid")
+    with pytest.raises(DataError, match="single split"):
+        read_records(dataset_dict["train"], split="train")
+    with pytest.raises(DataError, match="only a datasets name or folder has configs"):
+        read_records(dataset_dict, config="default")
+
+
+def test_read_folder_of_data_files_by_split(tmp_path, datasets, pairs):
+    """A folder of data files is read by load_dataset: train by default, --split picks another, and a
+    missing split is one line listing the available ones."""
+    for name, rows in pairs.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    assert triples(read_records(tmp_path)) == triples(read_records(pairs["train"]))
+    assert triples(read_records(tmp_path, split="test")) == triples(read_records(pairs["test"]))
+    with pytest.raises(DataError, match=r"Unknown split \"valid\". Should be one of \['train', 'test'\]") as caught:
+        read_records(tmp_path, split="valid")
+    assert str(caught.value).startswith(f"{tmp_path}: ") and "\n" not in str(caught.value)
+
+
+def test_read_folder_config(tmp_path, datasets, pairs):
+    """A folder whose README declares configurations: config picks one; a missing one lists the others."""
+    (tmp_path / "README.md").write_text(
+        "---\nconfigs:\n- config_name: plain\n  data_files: plain/*.jsonl\n- config_name: other\n  data_files: other/*.jsonl\n---\n"
+    )
+    for config, rows in (("plain", pairs["train"]), ("other", pairs["test"])):
+        (tmp_path / config).mkdir()
+        write_jsonl(tmp_path / config / "train.jsonl", rows)
+    assert triples(read_records(tmp_path, config="other")) == triples(read_records(pairs["test"]))
+    with pytest.raises(DataError, match=r"'missing' not found. Available: \['plain', 'other'\]"):
+        read_records(tmp_path, config="missing")
+
+
+@pytest.mark.parametrize("choice", [{"split": "test"}, {"config": "plain"}])
+def test_single_file_refuses_split_and_config(tmp_path, choice):
+    """A file has one split and no configs: asking for one is an error, not silently ignored."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD])
+    with pytest.raises(DataError, match=rf"^{path}: a single file has no splits or configs to choose from$"):
+        read_records(path, **choice)
 
 
 def test_read_records_from_iterable():

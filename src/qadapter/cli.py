@@ -162,7 +162,9 @@ def _console(stderr: bool = False):
 
 # Options shared by several commands, declared once.
 BaseModelOption = Annotated[str, typer.Option("--model", help="Base model: 'bundled' (SmolLM2-135M-Instruct), a hub id, a local folder, or a .gguf file.")]
-DataOption = Annotated[Optional[str], typer.Option(help="Preference data: .jsonl/.json(.gz) file or a datasets name. Default: DSP, shipped with qadapter.")]
+DataOption = Annotated[Optional[str], typer.Option(help="Preference data: a .jsonl/.json(.gz) or .parquet file, a save_to_disk folder, a folder of data files, or a datasets name. Default: DSP, shipped with qadapter.")]
+DataSplitOption = Annotated[Optional[str], typer.Option("--data-split", "--split", help="The split of --data to read, where it has several (a datasets name or folder). Default: train.")]
+DataConfigOption = Annotated[Optional[str], typer.Option("--data-config", help="The datasets configuration (subset) of --data, for a datasets name or folder with several.")]
 PreferOption = Annotated[Optional[str], typer.Option(help="For multi-response records ({query, responses: {style: text}}): the preferred style.")]
 EvalFractionOption = Annotated[float, typer.Option(help="Fraction of prompts held out for evaluation (split by prompt, never by pair; same split in every command).")]
 MaxTrainOption = Annotated[Optional[int], typer.Option(help="Use at most this many training pairs (whole prompts); default data: 480.")]
@@ -203,6 +205,8 @@ def _split_data(
     max_eval_pairs: int | None,
     skip_invalid: bool,
     console: Any,
+    data_split: str | None = None,
+    data_config: str | None = None,
 ) -> _Split:
     from .data import read_records, split_by_prompt
 
@@ -211,7 +215,8 @@ def _split_data(
         data, source, prefer = DEFAULT_DATA, data_file(default_data_dir(), DEFAULT_DATA), prefer or DEFAULT_PREFER
         max_train_pairs = max_train_pairs or DEFAULT_SLICE["max_train_pairs"]
         max_eval_pairs = max_eval_pairs or DEFAULT_SLICE["max_eval_pairs"]
-    report = read_records(source, prefer=prefer, skip_invalid=skip_invalid)
+    report = read_records(source, prefer=prefer, split=data_split, config=data_config, skip_invalid=skip_invalid)
+    data += "".join(f" ({name}={value})" for name, value in (("split", data_split), ("config", data_config)) if value)  # as recorded
     if report.skipped:
         console.print(f"skipped {len(report.skipped)} record(s), e.g. {report.skipped[0]}")
     train_records, held_out = split_by_prompt(report.records, eval_fraction, seed=config.seed)
@@ -231,6 +236,8 @@ def train(
     model: BaseModelOption = "bundled",
     data: DataOption = None,
     prefer: PreferOption = None,
+    data_split: DataSplitOption = None,
+    data_config: DataConfigOption = None,
     output: Annotated[Path, typer.Option(help="Run folder: adapter/, metrics.json, checkpoints/.")] = Path("runs/qadapter"),
     eval_fraction: EvalFractionOption = 0.2,
     max_train_pairs: MaxTrainOption = None,
@@ -257,7 +264,7 @@ def train(
     console = _console()
     if data is None:  # the main job evaluates before and after only: each evaluation costs ≈2 min on two cores
         eval_every = eval_every or DEFAULT_SLICE["eval_every"]
-    split = _split_data(config, data, prefer, eval_fraction, max_train_pairs, max_eval_pairs, skip_invalid, console)
+    split = _split_data(config, data, prefer, eval_fraction, max_train_pairs, max_eval_pairs, skip_invalid, console, data_split, data_config)
     run_info = {"data": split.data, "prefer": split.prefer, "command": _command_line()}
     try:
         result = run_training(
@@ -304,6 +311,8 @@ def baseline(
     model: BaseModelOption = "bundled",
     data: DataOption = None,
     prefer: PreferOption = None,
+    data_split: DataSplitOption = None,
+    data_config: DataConfigOption = None,
     output: Annotated[Optional[Path], typer.Option(help="Run folder: adapter/ (with baseline.json) and the replay cache. Default: runs/baseline-METHOD.")] = None,
     eval_fraction: EvalFractionOption = 0.2,
     max_train_pairs: MaxTrainOption = None,
@@ -329,7 +338,7 @@ def baseline(
     output = output or Path(f"runs/baseline-{method.value}")
     if (output / "adapter").exists() and not overwrite:
         raise ConfigError(f"{output / 'adapter'} exists: pass --overwrite to replace it, or choose another --output")
-    split = _split_data(config, data, prefer, eval_fraction, max_train_pairs, None, skip_invalid, console)
+    split = _split_data(config, data, prefer, eval_fraction, max_train_pairs, None, skip_invalid, console, data_split, data_config)
     replay = read_records(replay_prompts, skip_invalid=skip_invalid).records if method == BaselineMethod.replay and replay_prompts else None
     adapter_dir = train_baseline(
         method.value,
@@ -424,6 +433,8 @@ def evaluate_(
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated for the win rate.")] = 128,
     eval_precision: EvalPrecisionOption = "no",
     progress: ProgressOption = True,
+    data_split: DataSplitOption = None,  # last: `sweep` passes the others by position
+    data_config: DataConfigOption = None,
 ) -> None:
     """Evaluate methods side by side: retention (paired vs the base), KL to base, held-out preference accuracy, judged win rate."""
     from .checkpoint import read_adapter_meta
@@ -432,7 +443,7 @@ def evaluate_(
     adapters = _named(adapter)
     config, base, _ = read_adapter_meta(next(iter(adapters.values())))
     console = _console()
-    split = _split_data(config, data, prefer, eval_fraction, None, max_eval_pairs, False, console)
+    split = _split_data(config, data, prefer, eval_fraction, None, max_eval_pairs, False, console, data_split, data_config)
     plan = _plan(sizes, max_new_tokens, eval_precision)
     prepared = prepare_judge(judge, output / "judge", split.train, split.held_out, precision=plan.precision)
     console.print(f"judge: {prepared[1]['name']}, held-out pairwise accuracy {prepared[1]['accuracy']:.3f} on {prepared[1]['n']} pairs")
@@ -450,6 +461,8 @@ def sweep(
     output: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/sweep"),
     data: DataOption = None,
     prefer: PreferOption = None,
+    data_split: DataSplitOption = None,
+    data_config: DataConfigOption = None,
     eval_fraction: EvalFractionOption = 0.2,
     max_eval_pairs: MaxEvalOption = None,
     win_prompts: WinPromptsOption = 40,
@@ -461,7 +474,8 @@ def sweep(
 ) -> None:
     """One adapter at several α₀ without retraining: retention vs alignment (plot, CSV, JSON)."""
     evaluate_(
-        [f"qadapter={adapter}", *(peer or [])], output, data, prefer, eval_fraction, max_eval_pairs, win_prompts, sizes, sweep if alpha_0 is None else alpha_0, judge, 128, eval_precision, progress
+        [f"qadapter={adapter}", *(peer or [])], output, data, prefer, eval_fraction, max_eval_pairs, win_prompts, sizes, sweep if alpha_0 is None else alpha_0, judge, 128, eval_precision, progress,
+        data_split=data_split, data_config=data_config,
     )
 
 
@@ -473,6 +487,8 @@ def experiment(
     model: BaseModelOption = "bundled",
     data: DataOption = None,
     prefer: PreferOption = None,
+    data_split: DataSplitOption = None,
+    data_config: DataConfigOption = None,
     eval_fraction: EvalFractionOption = 0.2,
     max_train_pairs: MaxTrainOption = None,
     max_eval_pairs: MaxEvalOption = None,
@@ -492,7 +508,7 @@ def experiment(
 
     config = pick(QAdapterConfig, options)
     console = _console()
-    split = _split_data(config, data, prefer, eval_fraction, max_train_pairs, max_eval_pairs, False, console)
+    split = _split_data(config, data, prefer, eval_fraction, max_train_pairs, max_eval_pairs, False, console, data_split, data_config)
     info = {"model": model, "data": f"{split.data} (prefer={split.prefer})", "command": _command_line()}
     run_experiment(
         output,

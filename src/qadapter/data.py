@@ -8,15 +8,18 @@ layout                            fields
 explicit prompt (TRL)             ``prompt``, ``chosen``, ``rejected``: strings, or lists of
                                   ``{"role", "content"}`` messages (conversational)
 implicit prompt (TRL)             ``chosen``, ``rejected`` message lists sharing their opening turns
+UltraFeedback-binarized           ``prompt`` string; ``chosen``, ``rejected`` whole conversations whose
+                                  shared opening turns end with that prompt as a user turn
 Anthropic HH-RLHF transcripts     ``chosen``, ``rejected`` strings of ``\\n\\nHuman: …\\n\\nAssistant: …``
 scored pair (DSP helpful/harmless) ``text``: [transcript, transcript], ``score``: [s, s]
 multi-response (DSP domains)      ``query``, ``responses``: {style: text}; ``prefer`` picks the chosen
                                   style and every other style becomes a rejected response
 ================================  =====================================================================
 
-Files: ``.jsonl`` / ``.json`` (a list of records), optionally ``.gz``; or any Hugging Face
-``datasets`` source by name. A malformed record raises :class:`DataError` naming the file and line
-(``skip_invalid=True`` skips it instead and counts it).
+Sources: ``.jsonl`` / ``.json`` (a list of records), optionally ``.gz``, read here; through ``datasets``:
+``.parquet`` files, ``save_to_disk`` folders, folders of data files, hub names (with a split and a
+config), ``Dataset``/``DatasetDict`` objects. A malformed record raises :class:`DataError` naming the
+file and line, or the source and row (``skip_invalid=True`` skips it instead and counts it).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import random
 import re
 import stat
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Union
@@ -194,10 +197,32 @@ def _from_explicit(obj: dict[str, Any], origin: str) -> PreferenceRecord:
         _check_conversation(prompt, chosen, rejected)
         return PreferenceRecord(prompt, chosen, rejected, origin)
     prompt = _check_text(prompt, "prompt")
+    if isinstance(obj["chosen"], list) and isinstance(obj["rejected"], list) and _opens_with_user(obj["chosen"]):
+        return _from_text_prompt_conversations(prompt, obj["chosen"], obj["rejected"], origin)
     for key in ("chosen", "rejected"):
         if isinstance(obj[key], list):
-            raise ValueError(f"'{key}' is a message list but 'prompt' is plain text; give the prompt as messages too")
+            raise ValueError(
+                f"'{key}' is a message list but 'prompt' is plain text; give the prompt as messages too, "
+                "or both responses as whole conversations that open with the prompt as a user turn"
+            )
     return PreferenceRecord(prompt, _check_text(obj["chosen"], "chosen"), _check_text(obj["rejected"], "rejected"), origin)
+
+
+def _opens_with_user(turns: list[Any]) -> bool:
+    """Whether a message list is a whole conversation (it opens with a system or user turn) rather than
+    only the response's turns."""
+    return bool(turns) and isinstance(turns[0], dict) and turns[0].get("role") in ("system", "user")
+
+
+def _from_text_prompt_conversations(prompt: str, chosen: list[Any], rejected: list[Any], origin: str) -> PreferenceRecord:
+    """UltraFeedback-binarized: a plain-text ``prompt`` beside whole conversations that repeat it as their
+    opening turns. The shared opening turns are the prompt (as TRL takes them); the text must be their last
+    user turn, so a record whose two fields disagree is refused rather than trained on either."""
+    turns, c, r = _split_common_prompt(_check_messages(chosen, "chosen"), _check_messages(rejected, "rejected"))
+    asked = [m["content"] for m in turns if m["role"] == "user"]
+    if not asked or asked[-1].strip() != prompt.strip():
+        raise ValueError("'prompt' differs from the last user turn that 'chosen' and 'rejected' share")
+    return PreferenceRecord(turns, c, r, origin)
 
 
 def _from_scored(obj: dict[str, Any], origin: str) -> PreferenceRecord:
@@ -333,33 +358,79 @@ def _raw_from_file(path: Path) -> Iterator[tuple[Any, str, str | None]]:
         raise DataError(f"{path}: cannot read ({exc})") from None
 
 
-def _raw_from_datasets(name: str, split: str) -> Iterator[tuple[Any, str, str | None]]:
+def _import_datasets(where: str) -> Any:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{name}: not a file, and reading a datasets source needs `pip install datasets`") from None
+        raise DataError(f"{where} needs `pip install datasets`") from None
+    return datasets
+
+
+def _rows(data: Any, where: str, split: str | None) -> Iterator[tuple[Any, str, str | None]]:
+    """Rows of a ``datasets.Dataset`` (or any iterable of records), or of one split of a ``DatasetDict``
+    (any mapping of split names to rows): ``train`` unless ``split`` names another."""
+    if isinstance(data, Mapping):
+        chosen = split or "train"
+        if chosen not in data:
+            raise DataError(f"{where}: no split {chosen!r}; splits: {', '.join(map(str, data))}")
+        data, where = data[chosen], f"{where}[{chosen}]"
+    elif split is not None:
+        raise DataError(f"{where}: holds a single split, so split {split!r} cannot be chosen")
+    for i, row in enumerate(data):
+        yield row, f"{where}[{i}]", None
+
+
+def _raw_from_datasets(name: str, split: str | None, config: str | None) -> Iterator[tuple[Any, str, str | None]]:
+    """A hub dataset, or a local folder of data files, read by ``datasets.load_dataset``; a missing
+    split or config is reported by ``datasets`` with the available ones."""
+    datasets = _import_datasets(f"{name}: not a file, and reading a datasets source")
+    split = split or "train"
     try:
-        rows = datasets.load_dataset(name, split=split)
+        rows = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # datasets raises many types; the message is what matters
         raise DataError(f"{name}: could not load with datasets.load_dataset ({exc})") from None
     for i, row in enumerate(rows):
-        yield dict(row), f"{name}[{split}][{i}]", None
+        yield row, f"{name}[{split}][{i}]", None
+
+
+def _raw_from_folder(path: Path, split: str | None, config: str | None) -> Iterator[tuple[Any, str, str | None]]:
+    """A ``save_to_disk`` folder (a Dataset or a DatasetDict), else a folder of data files for ``load_dataset``."""
+    if not any((path / marker).is_file() for marker in ("dataset_dict.json", "state.json")):
+        yield from _raw_from_datasets(str(path), split, config)
+        return
+    if config is not None:
+        raise DataError(f"{path}: a save_to_disk folder has no configs, so config {config!r} cannot be chosen")
+    datasets = _import_datasets(f"{path}: reading a save_to_disk folder")
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as exc:  # a damaged or foreign folder; the message is what matters
+        raise DataError(f"{path}: could not load with datasets.load_from_disk ({exc})") from None
+    yield from _rows(data, str(path), split)
+
+
+def _raw_from_parquet(path: Path) -> Iterator[tuple[Any, str, str | None]]:
+    datasets = _import_datasets(f"{path}: reading a Parquet file")
+    try:
+        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as exc:  # not Parquet, or a broken file
+        raise DataError(f"{path}: could not load with datasets.load_dataset ({exc})") from None
+    yield from _rows(data, str(path), None)
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def _local_kind(path: Path) -> str | None:
-    """"file" for a readable regular file, None where nothing exists, else why it cannot be read."""
+    """"file" or "folder" for what can be read, None where nothing exists, else why it cannot be read."""
     try:
         mode = path.stat().st_mode  # follows symlinks; a FIFO must never be opened (it blocks)
     except FileNotFoundError:
         return None if not path.is_symlink() else "a symlink to nothing"
     except OSError as exc:
         return "a symlink loop" if exc.errno == errno.ELOOP else f"cannot be read ({exc.strerror})"
-    if stat.S_ISREG(mode):
-        return "file"
-    return "is a folder, not a data file" if stat.S_ISDIR(mode) else "is not a regular file (a FIFO, socket or device)"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return "file" if stat.S_ISREG(mode) else "folder"
+    return "is not a regular file (a FIFO, socket or device)"
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -372,26 +443,39 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def read_records(
-    source: str | Path | Iterable[dict[str, Any]],
+    source: str | Path | Iterable[dict[str, Any]] | Mapping[str, Iterable[dict[str, Any]]],
     *,
     prefer: str | None = None,
-    split: str = "train",
+    split: str | None = None,
+    config: str | None = None,
     skip_invalid: bool = False,
 ) -> LoadReport:
-    """Read preference records from a file, a ``datasets`` source name, or an iterable of dicts."""
+    """Read preference records from a file (.jsonl/.json(.gz), .parquet), a ``save_to_disk`` folder, a
+    folder of data files or a hub name (read by ``datasets``), a ``datasets.Dataset`` or any iterable of
+    dicts, or a ``DatasetDict`` (any mapping of split names to rows).
+
+    ``split`` picks one split where there are several (default ``train``); ``config`` picks a
+    ``datasets`` configuration of a hub name or folder. Both are refused where there is nothing to pick.
+    """
     if isinstance(source, (str, Path)):
         path = Path(source)
         local = _local_kind(path)
         if local == "file":
-            raw: Iterable[tuple[Any, str, str | None]] = _raw_from_file(path)
+            if split is not None or config is not None:
+                raise DataError(f"{path}: a single file has no splits or configs to choose from")
+            raw: Iterable[tuple[Any, str, str | None]] = _raw_from_parquet(path) if path.suffix == ".parquet" else _raw_from_file(path)
+        elif local == "folder":
+            raw = _raw_from_folder(path, split, config)
         elif local is not None:
             raise DataError(f"{path}: {local}")
         elif isinstance(source, Path) or not _looks_like_hub_id(source):
             raise DataError(f"{path}: no such data file")
         else:
-            raw = _raw_from_datasets(str(source), split)
+            raw = _raw_from_datasets(str(source), split, config)
+    elif config is not None:
+        raise DataError(f"config {config!r}: only a datasets name or folder has configs to choose from")
     else:
-        raw = ((obj, f"<records>[{i}]", None) for i, obj in enumerate(source))
+        raw = _rows(source, "<records>", split)
     report = LoadReport(records=[])
     for obj, origin, error in raw:
         try:
