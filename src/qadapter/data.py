@@ -380,10 +380,10 @@ def _rows(data: Any, where: str, split: str | None) -> Iterator[tuple[Any, str, 
         yield row, f"{where}[{i}]", None
 
 
-def _raw_from_datasets(name: str, split: str | None, config: str | None) -> Iterator[tuple[Any, str, str | None]]:
-    """A hub dataset, or a local folder of data files, read by ``datasets.load_dataset``; a missing
-    split or config is reported by ``datasets`` with the available ones."""
-    datasets = _import_datasets(f"{name}: not a file, and reading a datasets source")
+def _load_dataset_split(name: str, split: str | None, config: str | None, needs: str) -> Iterator[tuple[Any, str, str | None]]:
+    """Rows of one split (default ``train``) of ``datasets.load_dataset(name, config)``; a missing split
+    or config is reported by ``datasets`` with the available ones."""
+    datasets = _import_datasets(f"{name}: {needs}")
     split = split or "train"
     try:
         rows = datasets.load_dataset(name, config, split=split)
@@ -393,10 +393,15 @@ def _raw_from_datasets(name: str, split: str | None, config: str | None) -> Iter
         yield row, f"{name}[{split}][{i}]", None
 
 
+def _raw_from_datasets(name: str, split: str | None, config: str | None) -> Iterator[tuple[Any, str, str | None]]:
+    """A dataset on the hub, by name."""
+    return _load_dataset_split(name, split, config, "not a file, and reading a datasets source")
+
+
 def _raw_from_folder(path: Path, split: str | None, config: str | None) -> Iterator[tuple[Any, str, str | None]]:
     """A ``save_to_disk`` folder (a Dataset or a DatasetDict), else a folder of data files for ``load_dataset``."""
     if not any((path / marker).is_file() for marker in ("dataset_dict.json", "state.json")):
-        yield from _raw_from_datasets(str(path), split, config)
+        yield from _load_dataset_split(str(path), split, config, "reading a folder")
         return
     if config is not None:
         raise DataError(f"{path}: a save_to_disk folder has no configs, so config {config!r} cannot be chosen")
