@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import socket
@@ -205,3 +206,39 @@ def engine_rows(tokens: torch.Tensor, eos: list[int]) -> list[list[int]]:
         end = next((k for k, t in enumerate(row) if t in eos), len(row) - 1)
         rows.append(row[: end + 1])
     return rows
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    """A JSONL file of 40 marker pairs (20 prompts), for command-line tests."""
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in marker_records(20)) + "\n")
+    return path
+
+
+class ParsedCommand(Exception):
+    """Raised in place of training: the command line has been parsed."""
+
+
+@pytest.fixture()
+def parse_train(monkeypatch, data_file):
+    """`qadapter train --data <marker pairs> ARGS` up to the training call: what training would get (its
+    config and keywords), or the exception the command ended with instead."""
+    import qadapter.training
+    from typer.testing import CliRunner
+
+    from qadapter.cli import app
+
+    seen: dict = {}
+
+    def stand_in(config, *args, **kwargs):
+        seen.update(kwargs, config=config)
+        raise ParsedCommand
+
+    monkeypatch.setattr(qadapter.training, "train", stand_in)
+
+    def parse(*args: str):
+        result = CliRunner().invoke(app, ["train", "--data", str(data_file), *args])
+        return seen if isinstance(result.exception, ParsedCommand) else result.exception
+
+    return parse

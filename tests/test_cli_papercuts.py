@@ -16,41 +16,8 @@ import qadapter
 from qadapter.cli import app, config_options
 from qadapter.config import METHOD_FIELDS, QAdapterConfig
 
-from conftest import marker_records
 
 WIDE = {"COLUMNS": "250"}  # one option per help line
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in marker_records(20)) + "\n")
-    return path
-
-
-class _Parsed(Exception):
-    """Raised by the stand-in for training: the command line has been parsed."""
-
-
-@pytest.fixture()
-def parse_train(monkeypatch, data_file):
-    """`qadapter train ARGS` up to the training call: returns what training would get (config and keywords)."""
-    import qadapter.training
-
-    seen: dict = {}
-
-    def stand_in(config, *args, **kwargs):
-        seen.update(kwargs, config=config)
-        raise _Parsed
-
-    monkeypatch.setattr(qadapter.training, "train", stand_in)
-
-    def parse(*args: str) -> dict:
-        result = CliRunner().invoke(app, ["train", "--data", str(data_file), *args])
-        assert isinstance(result.exception, _Parsed), result.output
-        return seen
-
-    return parse
 
 
 def _help(*command: str) -> str:

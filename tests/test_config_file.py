@@ -14,40 +14,8 @@ from typer.testing import CliRunner
 from qadapter.cli import app
 from qadapter.errors import ConfigError
 
-from conftest import marker_records
 
 WIDE = {"COLUMNS": "250"}
-
-
-class _Parsed(Exception):
-    """Raised by the stand-in for training: the command line has been parsed."""
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in marker_records(20)) + "\n")
-    return path
-
-
-@pytest.fixture()
-def parse_train(monkeypatch, data_file):
-    """`qadapter train ARGS` up to the training call: returns what training would get, or the exception."""
-    import qadapter.training
-
-    seen: dict = {}
-
-    def stand_in(config, *args, **kwargs):
-        seen.update(kwargs, config=config)
-        raise _Parsed
-
-    monkeypatch.setattr(qadapter.training, "train", stand_in)
-
-    def parse(*args: str):
-        result = CliRunner().invoke(app, ["train", "--data", str(data_file), *args])
-        return seen if isinstance(result.exception, _Parsed) else result.exception
-
-    return parse
 
 
 @pytest.fixture()
