@@ -61,6 +61,9 @@ def test_study_writes_every_point_in_the_schema_and_resumes(tiny_model_dir, tmp_
     (tmp_path / "study" / "tiny" / "reward-model").rename(tmp_path / "elsewhere")  # 540 MB at full size: not committed
     absent = run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention", "bpb", "judge", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False, cached_only=True)
     assert absent == entry  # its scores are cached
+    for path in (tmp_path / "study" / "tiny" / "cache" / "judge-builtin").glob("*.json"):
+        path.unlink()  # as after a run stopped before its answers were scored
+    assert run_setting(tiny_setting(tiny_model_dir, tmp_path), tmp_path / "study", ["retention", "bpb", "judged"], {"arc_easy": 8, "piqa": 6}, max_new_tokens=4, progress=False, cached_only=True) == entry
     results = {"settings": {"tiny": entry}}
     text = frontier.markdown(results)
     assert "At matched alignment" in text and "Head to head" in text and json.dumps(results)

@@ -428,7 +428,9 @@ def run_setting(
         if "judged" in stages:
             raws = run_stage(setting, plan_for(sizes), cache, bar, respond=True, bpb="bpb" in stages, only=only)
     benches = [b for b in sizes if b in BENCHMARKS]
-    win_rates = judged_win_rates(setting, raws, judges, cache) if "judged" in stages else {}
+    # answers are scored even with --cached-only (a run stopped during the judged stage has answers but no
+    # scores yet); a judge whose model is absent is reported from its cached scores alone
+    win_rates = judged_win_rates(setting, raws, judges, StageCache(cache.folder)) if "judged" in stages else {}
     entry = assemble(setting, raws, win_rates, benches)
     return {
         **entry,
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--groups", default="", help="comma-separated group names (e.g. qadapter-a0.1,dpo): compute only their stages, report the others from the cache")
-    parser.add_argument("--cached-only", action="store_true", help="write results.json and report.md from finished stages only (e.g. while a long run is stopped); a group with a missing stage is left out")
+    parser.add_argument("--cached-only", action="store_true", help="write results.json and report.md from finished stages only (e.g. while a long run is stopped; answers already there are scored by the judges present); a group with a missing stage is left out")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     sizes = {name: int(n) for name, n in (part.split("=") for part in args.sizes.split(",") if part)}
