@@ -170,7 +170,8 @@ def plot(setting: dict[str, Any], path: Path, title: str) -> None:
     right_key = "kl_to_base" if axis == "win_rate" else "pref_accuracy"
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for method, points in _curves(setting):
-        points = sorted((p for p in points if p.get(axis) is not None), key=lambda p: p[axis])
+        # along the knob from weakest to strongest (rising KL), so a dial whose win rate saturates bends back
+        points = sorted((p for p in points if p.get(axis) is not None), key=lambda p: (p.get("kl_to_base") or 0.0, p[axis]))
         if not points:
             continue
         xs = [scale * p[axis] for p in points]
