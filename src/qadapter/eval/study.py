@@ -303,6 +303,10 @@ def judged_win_rates(setting: Setting, raws: dict[str, Any], judges: Judges, cac
         inputs = {"judge": [name, info["accuracy"], info["n"]], "prompts": digest(prompts), "answers": digest(answers)}  # no path: a moved folder keeps its scores
         return cache.get(f"judge-{name}/scores", inputs, lambda: judge.score(prompts, answers))
 
+    base_scores = {}  # read once per judge, not once per point
+    for name in judges:
+        with contextlib.suppress(StageMissing):  # an absent judge that never scored the base's answers is left out
+            base_scores[name] = scores(name, base_answers)
     out: dict[str, dict[str, WinRate]] = {}
     for group in setting.groups:
         answered = raws.get(group.name, {}).get("responses", {})
@@ -310,9 +314,9 @@ def judged_win_rates(setting: Setting, raws: dict[str, Any], judges: Judges, cac
             if point.method == "base" or point.policy.name not in answered:
                 continue
             out[point.policy.name] = {}
-            for name in judges:
-                with contextlib.suppress(StageMissing):  # --cached-only: a judge that has not scored these answers is left out
-                    out[point.policy.name][name] = compare_scores(scores(name, answered[point.policy.name]), scores(name, base_answers))
+            for name, base in base_scores.items():
+                with contextlib.suppress(StageMissing):  # an absent judge that has not scored these answers is left out
+                    out[point.policy.name][name] = compare_scores(scores(name, answered[point.policy.name]), base)
     return out
 
 
