@@ -13,6 +13,7 @@ _EXPORTS = {
     "DecodeConfig": "qadapter.config",
     "QAdapterModel": "qadapter.model",
     "load_base": "qadapter.model",
+    "base_model_path": "qadapter.model",
     "read_records": "qadapter.data",
     "split_by_prompt": "qadapter.data",
     "PreferenceRecord": "qadapter.data",

@@ -661,6 +661,8 @@ def info(adapter: Annotated[Path, typer.Argument(help="Adapter folder (or a run 
     table = Table(title=str(folder), show_header=False)
     table.add_row("qadapter version", version)
     table.add_row("base model", f"{base.get('name')} ({base.get('revision') or 'no revision'})")
+    if base.get("sha256"):
+        table.add_row("base sha256", f"{base.get('file') or 'weights'}: {base['sha256']}")
     for key, value in config.to_dict().items():
         table.add_row(key, str(value))
     metrics_path = adapter / "metrics.json"

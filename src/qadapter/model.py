@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 
 from . import objective
 from .adapter_schema import check_rank, lora_config_from, unknown_targets
-from .atomic import atomic_dir
-from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, BaseIdentity, check_adapter_names, check_base, check_fits, check_same_base, hub_revision, read_adapter, save_adapter
+from .atomic import atomic_dir, write_json_atomic
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, GGUF_REVISION, SHA256, AdapterFiles, BaseIdentity, check_adapter_names, check_base, check_fits, check_same_base, hub_revision, read_adapter, save_adapter
 from .collate import PreferenceBatch, SharedContexts
 from .config import ALL_LINEAR, Dial, QAdapterConfig
 from .errors import ModelError
@@ -59,21 +60,61 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+HASH_INDEX = "sha256-index.json"  # in cache_root(): "path:size:mtime" → sha256, so a large file is hashed once
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's content, remembered in the cache under its path, size and modification time."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    index_path = cache_root() / HASH_INDEX
+    known = _read_index(index_path).get(key)
+    if known is not None:
+        return known
+    sha = _sha256(path)
+    with contextlib.suppress(OSError):  # a read-only cache only costs hashing again
+        kept = {k: v for k, v in _read_index(index_path).items() if Path(k.rsplit(":", 2)[0]).exists()}  # forget files gone
+        write_json_atomic(index_path, {**kept, key: sha})
+    return sha
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    """The hash index; a missing or damaged one is empty, and entries that are not hashes are ignored."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str) and SHA256.fullmatch(v)} if isinstance(data, dict) else {}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def folder_sha256(folder: Path) -> str | None:
+    """One sha256 over a model folder's weight files (names and contents, in name order); None without any."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def convert_gguf(gguf_path: Path) -> tuple[Path, str]:
     """Dequantize a GGUF model once into a plain safetensors folder in the cache.
 
     A GGUF-loaded transformers model stays marked as quantized, so ``save_pretrained``, the HF
-    ``Trainer`` and TRL refuse it; the converted folder is an ordinary checkpoint. Returns the
-    folder and the GGUF file's sha256. The folder is written under a temporary name and renamed.
+    ``Trainer`` and TRL refuse it; the converted folder is an ordinary checkpoint. The folder is named
+    by the file's content hash, so every copy of one GGUF shares it. Returns the folder and the GGUF
+    file's sha256. The folder is written under a temporary name and renamed.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / "models" / f"{gguf_path.stem}-{key}"
-    marker = target / "qadapter_source.json"
-    if marker.is_file():
-        return target, json.loads(marker.read_text())["sha256"]
+    sha = file_sha256(gguf_path)
+    target = converted_folder(gguf_path.name, sha)
+    if (target / CONVERTED_MARKER).is_file():
+        return target, sha
     quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     config_dict = quantized.config.to_dict()
@@ -85,9 +126,16 @@ def convert_gguf(gguf_path: Path) -> tuple[Path, str]:
     with atomic_dir(target) as tmp:  # a crash leaves no half-converted model behind
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        sha = _sha256(gguf_path)
-        (tmp / "qadapter_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": sha}))
+        (tmp / CONVERTED_MARKER).write_text(json.dumps({"gguf": gguf_path.name, "sha256": sha}))
     return target, sha
+
+
+CONVERTED_MARKER = "qadapter_source.json"
+
+
+def converted_folder(file_name: str, sha: str) -> Path:
+    """Where :func:`convert_gguf` puts the GGUF ``file_name`` whose content hash is ``sha``."""
+    return cache_root() / "models" / f"{Path(file_name).stem}-{sha[:16]}"
 
 
 def weights_fingerprint(model: torch.nn.Module, points: int = 8) -> list[float]:
@@ -109,19 +157,77 @@ class LoadedBase:
     identity: BaseIdentity
 
 
+def gguf_file_of(model: str) -> Path | None:
+    """The GGUF file ``model`` names (``"bundled"`` or a ``.gguf`` path), else None."""
+    if model == BUNDLED:
+        return bundled_gguf()
+    return Path(model) if model.endswith(".gguf") else None
+
+
 def model_source(model: str) -> tuple[str, str | None]:
     """What ``from_pretrained`` reads for ``model`` (``"bundled"``, a ``.gguf`` file, a hub id or a folder),
     and, for a GGUF, its content revision. A GGUF is dequantized once into a cached safetensors folder."""
-    if model == BUNDLED:
-        gguf_path: Path | None = bundled_gguf()
-    elif model.endswith(".gguf"):
-        gguf_path = Path(model)
-    else:
+    gguf_path = gguf_file_of(model)
+    if gguf_path is None:
         return model, None
     if not gguf_path.is_file():
         raise ModelError(f"{gguf_path}: no such GGUF file (a hub GGUF must be downloaded first)")
     source, sha = convert_gguf(gguf_path)
-    return str(source), f"gguf-sha256:{sha}"
+    return str(source), f"{GGUF_REVISION}{sha}"
+
+
+def _bundled_sha256() -> str | None:
+    try:
+        return file_sha256(bundled_gguf())
+    except ModelError:  # the bundled model is not installed here
+        return None
+
+
+def portable_source(model: str, gguf_sha: str | None) -> tuple[str, str | None, str | None]:
+    """``(name, file, sha256)`` of a base as an adapter records it (see :class:`BaseIdentity`): a GGUF
+    identical to the bundled one is ``"bundled"``, other files and folders by absolute path and content hash."""
+    if gguf_sha is not None:
+        name = BUNDLED if model == BUNDLED or gguf_sha == _bundled_sha256() else str(Path(model).resolve())
+        return name, gguf_file_of(model).name, gguf_sha  # type: ignore[union-attr]
+    if Path(model).is_dir():
+        return str(Path(model).resolve()), None, folder_sha256(Path(model))
+    return model, None, None  # a hub id: its commit is its revision
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def recorded_base(saved: BaseIdentity) -> str:
+    """What :func:`load_base` takes to load the base ``saved`` records on this machine: its name where
+    that is here (``"bundled"``, a hub id, a file or folder that exists), the bundled model for a GGUF
+    with the bundled one's content, else an error naming what is needed."""
+    name = saved.name
+    if name == BUNDLED or Path(name).exists():
+        return name
+    sha = saved.sha256 or saved.gguf_sha256
+    if name.endswith(".gguf"):
+        if sha is not None and sha == _bundled_sha256():
+            return BUNDLED
+        raise ModelError(
+            f"the base model {Path(name).name} (sha256 {sha}) is not at {name} on this machine: "
+            "pass a copy of that file with --model (model=)"
+        )
+    if Path(name).is_absolute() or not HUB_ID.fullmatch(name):
+        raise ModelError(
+            f"the base model folder {name} is not on this machine (weights sha256 {sha}): pass a copy of it with --model (model=)"
+        )
+    return name  # a hub id
+
+
+def base_model_path(adapter_dir: str | Path) -> str:
+    """What ``transformers.AutoModelForCausalLM.from_pretrained`` takes to load an adapter's base on this
+    machine: the converted folder of a GGUF base (converted first if need be, e.g. the bundled model on a
+    fresh machine), a local folder, or a hub id (whose commit PEFT's ``adapter_config.json`` records:
+    ``AutoPeftModelForCausalLM`` loads such an adapter directly). Then
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_path(a)), a)`` loads the
+    adapted model (the customized policy only at residual α₀ = α̃ = 1; see ``qadapter export``)."""
+    saved = read_adapter(adapter_dir).saved
+    return model_source(recorded_base(saved))[0]
 
 
 def load_base(
@@ -149,6 +255,7 @@ def load_base(
         model = str(Path(model) / gguf_file)
     source_str, gguf_revision = model_source(model)
     pinned = None if gguf_revision else revision  # a hub revision; a GGUF is pinned by its content
+    name, file, sha = portable_source(model, gguf_revision[len(GGUF_REVISION) :] if gguf_revision else None)
     try:
         lm = AutoModelForCausalLM.from_pretrained(source_str, revision=pinned, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source_str, revision=pinned)
@@ -163,7 +270,7 @@ def load_base(
     template = getattr(tokenizer, "chat_template", None)
     config = lm.config
     identity = BaseIdentity(
-        name=model,  # what load_base takes to load this base again
+        name=name,  # what load_base takes to load this base again
         revision=revision,
         architecture={
             "model_type": config.model_type,
@@ -173,6 +280,8 @@ def load_base(
         },
         fingerprint=weights_fingerprint(lm),
         chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None,
+        file=file,
+        sha256=sha,
     )
     return LoadedBase(lm, tokenizer, identity)
 
@@ -406,17 +515,18 @@ def load_adapter(
     allow_base_mismatch: bool = False,
     device: torch.device | str | None = None,
     is_trainable: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> QAdapterModel:
     """Restore a :class:`~qadapter.model.QAdapterModel` saved by :func:`~qadapter.checkpoint.save_adapter`.
 
-    The base model is loaded from the identity recorded at training time unless ``base`` (an
-    already loaded :class:`~qadapter.model.LoadedBase`) or ``model`` is given; a base whose
-    architecture, weights or chat template differ is refused unless ``allow_base_mismatch``.
-    Weights are read from safetensors only.
+    The base model is found from the identity recorded at training time (:func:`recorded_base`; loaded
+    on ``device`` in ``dtype``) unless ``base`` (an already loaded :class:`~qadapter.model.LoadedBase`)
+    or ``model`` is given; a base whose architecture, weights or chat template differ is refused unless
+    ``allow_base_mismatch``. Weights are read from safetensors only.
     """
     files = read_adapter(adapter_dir)
     if base is None:
-        base = load_base(model or files.saved.name, revision=None if model else hub_revision(files.saved), device=device)
+        base = load_base(model or recorded_base(files.saved), revision=None if model else hub_revision(files.saved), device=device, dtype=dtype)
     check_unused(base)
     check_base(files, base, allow_base_mismatch)
     check_fits(files, base)
@@ -444,7 +554,7 @@ def load_composition(
     check_same_base(adapters, allow_base_mismatch)
     (_, first), *others = adapters.items()
     if base is None:
-        base = load_base(model or first.saved.name, revision=None if model else hub_revision(first.saved), device=device)
+        base = load_base(model or recorded_base(first.saved), revision=None if model else hub_revision(first.saved), device=device)
     check_unused(base)
     for files in adapters.values():  # all of them before PEFT changes the base in place
         check_base(files, base, allow_base_mismatch)
