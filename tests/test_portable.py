@@ -1,5 +1,6 @@
 """Adapters that travel: the base is recorded by a portable identity and found again on another machine
-(another cache, the bundled model on a fresh machine), and PEFT loads where the base is resolvable."""
+(another cache, the bundled model on a fresh machine), PEFT loads where the base is resolvable, and
+adapters are pushed to and loaded from the hub (mocked: no hub is reachable in tests)."""
 
 from __future__ import annotations
 
@@ -168,6 +169,129 @@ def test_malformed_portable_fields_are_refused(tiny_model_dir, tmp_path, field, 
     path.write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match=field):
         QAdapterModel.from_pretrained(adapter, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The hub, mocked
+
+
+@pytest.fixture()
+def fake_snapshot(monkeypatch, tiny_model_dir, tmp_path):
+    """huggingface_hub.snapshot_download answering from a local copy of an adapter; records its calls."""
+    import huggingface_hub
+
+    served = random_adapter(tiny_model_dir, tmp_path / "hub-cache" / "someone--adapter")
+    calls: list[dict] = []
+
+    def snapshot_download(**kwargs):
+        calls.append(kwargs)
+        if kwargs["repo_id"] != "someone/adapter":
+            raise huggingface_hub.errors.LocalEntryNotFoundError("offline, and not in the local cache")
+        return str(served)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_an_adapter_loads_by_hub_id(fake_snapshot, monkeypatch, tmp_path):
+    """owner/name that is not a local path is fetched with snapshot_download (adapter files only, at a revision
+    after '@') and loads like a folder; a missing repository is one clear error."""
+    monkeypatch.chdir(tmp_path)
+    qmodel = QAdapterModel.from_pretrained("someone/adapter", device="cpu")
+    assert qmodel.config.q_form == "residual"
+    assert fake_snapshot[-1]["repo_id"] == "someone/adapter" and fake_snapshot[-1]["revision"] is None
+    assert "adapter_model.safetensors" in fake_snapshot[-1]["allow_patterns"] and "*.bin" not in fake_snapshot[-1]["allow_patterns"]
+    QAdapterModel.from_pretrained("someone/adapter@v1", device="cpu")
+    assert fake_snapshot[-1]["revision"] == "v1"
+    with pytest.raises(ModelError, match="someone/missing.*LocalEntryNotFoundError"):
+        QAdapterModel.from_pretrained("someone/missing", device="cpu")
+
+
+def test_a_missing_local_folder_is_not_looked_up_on_the_hub(fake_snapshot, monkeypatch, tmp_path):
+    """runs/x where runs/ is a local folder is a path that is not there: no hub call, the usual error."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelError, match="not a Q-Adapter folder"):
+        QAdapterModel.from_pretrained("runs/x", device="cpu")
+    assert fake_snapshot == []
+
+
+def test_cli_takes_a_hub_id(fake_snapshot, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from qadapter.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["info", "someone/adapter"])
+    assert result.exit_code == 0, result.output
+    assert "residual" in result.output and fake_snapshot
+
+
+class FakeApi:
+    """huggingface_hub.HfApi recording what it is asked."""
+
+    calls: list[tuple[str, dict]] = []
+
+    def __init__(self, token=None):
+        FakeApi.calls.append(("init", {"token": token}))
+
+    def create_repo(self, **kwargs):
+        FakeApi.calls.append(("create_repo", kwargs))
+
+    def upload_folder(self, **kwargs):
+        FakeApi.calls.append(("upload_folder", kwargs))
+        return type("Commit", (), {"commit_url": "https://huggingface.co/someone/adapter/commit/1"})()
+
+
+def test_push_uploads_the_adapter_files(monkeypatch, tiny_model_dir, tmp_path):
+    """push creates the repository (private on request) and uploads the folder's adapter files only; a folder
+    that is not a Q-Adapter is refused before any call."""
+    import huggingface_hub
+    from typer.testing import CliRunner
+
+    from qadapter.cli import app
+
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    run = tmp_path / "run"
+    random_adapter(tiny_model_dir, run / "adapter")
+    (run / "adapter" / "trainer_state.pt").write_bytes(b"not for the hub")
+    result = CliRunner().invoke(app, ["push", str(run), "someone/adapter", "--private"])
+    assert result.exit_code == 0, result.output
+    assert "commit/1" in result.output
+    (_, _), (_, create), (_, upload) = FakeApi.calls
+    assert create == {"repo_id": "someone/adapter", "repo_type": "model", "private": True, "exist_ok": True}
+    assert upload["folder_path"] == str(run / "adapter") and upload["repo_id"] == "someone/adapter"
+    assert "trainer_state.pt" not in upload["allow_patterns"] and "qadapter_config.json" in upload["allow_patterns"]
+    FakeApi.calls = []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError):
+        huggingface_hub_push(tmp_path / "empty")
+    assert FakeApi.calls == []
+
+
+def huggingface_hub_push(folder: Path) -> None:
+    from qadapter.hub import push_to_hub
+
+    push_to_hub(folder, "someone/adapter")
+
+
+def test_push_from_a_model_saves_then_uploads(monkeypatch, tiny_model_dir, tmp_path):
+    import huggingface_hub
+
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    qmodel = QAdapterModel.from_pretrained(random_adapter(tiny_model_dir, tmp_path / "adapter"), device="cpu")
+    seen = {}
+    real_upload = FakeApi.upload_folder
+
+    def upload(self, **kwargs):
+        seen["files"] = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+        return real_upload(self, **kwargs)
+
+    monkeypatch.setattr(FakeApi, "upload_folder", upload)
+    qmodel.push_to_hub("someone/adapter")
+    assert {"adapter_model.safetensors", "adapter_config.json", "qadapter_config.json", "README.md"} <= set(seen["files"])
 
 
 def test_evaluation_cache_keys_ignore_where_the_base_is_found(tiny_gguf, cache, tmp_path):

@@ -14,6 +14,7 @@ _EXPORTS = {
     "QAdapterModel": "qadapter.model",
     "load_base": "qadapter.model",
     "base_model_path": "qadapter.model",
+    "push_to_hub": "qadapter.hub",
     "read_records": "qadapter.data",
     "split_by_prompt": "qadapter.data",
     "PreferenceRecord": "qadapter.data",

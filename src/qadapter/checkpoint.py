@@ -28,6 +28,7 @@ from .atomic import atomic_dir
 from .adapter_schema import check_against_base, check_peft_config, check_tensor_shapes
 from .config import ADAPTER_NAME, QAdapterConfig, read_json
 from .errors import ConfigError, ModelError
+from .hub import adapter_folder
 
 QADAPTER_CONFIG = "qadapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -176,8 +177,8 @@ def save_adapter(qmodel: Any, adapter_dir: str | Path) -> None:
 
 
 def read_adapter_meta(adapter_dir: str | Path) -> tuple[QAdapterConfig, dict[str, Any], str]:
-    """(config, base identity dict, qadapter version) of an adapter folder, validated."""
-    adapter_dir = Path(adapter_dir)
+    """(config, base identity dict, qadapter version) of an adapter folder (or hub id), validated."""
+    adapter_dir = adapter_folder(adapter_dir)
     path = adapter_dir / QADAPTER_CONFIG
     if not path.is_file():
         hint = " (a plain PEFT LoRA? Q-Adapters carry qadapter_config.json)" if (adapter_dir / "adapter_config.json").is_file() else ""
@@ -240,8 +241,8 @@ class AdapterFiles:
 
 
 def read_adapter(adapter_dir: str | Path) -> AdapterFiles:
-    """Everything an adapter folder holds, each file checked against its schema."""
-    folder = Path(adapter_dir)
+    """Everything an adapter folder (or hub id, see :mod:`qadapter.hub`) holds, each file checked against its schema."""
+    folder = adapter_folder(adapter_dir)
     config, base_meta, _ = read_adapter_meta(folder)
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are loaded)")

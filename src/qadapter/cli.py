@@ -546,8 +546,11 @@ def _relaunch(num_processes: int) -> int:
     return subprocess.call([*launcher, "-m", "qadapter", *args])
 
 
-def _adapter_path(path: Path) -> Path:
-    """Accept a run folder as well as its adapter/ folder."""
+def _adapter_path(path: Path | str) -> Path:
+    """Accept a run folder as well as its adapter/ folder, and a hub id (owner/name[@revision]) that is not a local path."""
+    from .hub import adapter_folder
+
+    path = adapter_folder(path)
     return path / "adapter" if (path / "adapter" / "qadapter_config.json").is_file() else path
 
 
@@ -671,6 +674,19 @@ def info(adapter: Annotated[Path, typer.Argument(help="Adapter folder (or a run 
         for key in ("pref_accuracy_before", "pref_accuracy_after", "n_eval_pairs", "train_seconds"):
             table.add_row(key, str(metrics.get(key)))
     Console().print(table)
+
+
+@app.command(rich_help_panel="Share")
+def push(
+    adapter: Annotated[str, typer.Argument(help="Adapter folder (or a run folder holding adapter/).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub model repository, owner/name (created if need be).")],
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+) -> None:
+    """Upload an adapter to the Hugging Face hub (token: `hf auth login` or HF_TOKEN); load it anywhere by its id."""
+    from .hub import push_to_hub
+
+    commit = push_to_hub(_adapter_path(adapter), repo_id, private=private)
+    _console().print(f"pushed to {getattr(commit, 'commit_url', None) or repo_id}; load it with --adapter {repo_id}", markup=False, highlight=False)
 
 
 def main() -> None:

@@ -365,6 +365,16 @@ class QAdapterModel:
     def save_pretrained(self, adapter_dir: str | Path) -> None:
         save_adapter(self, adapter_dir)
 
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None) -> Any:
+        """Save the adapter and upload it to the hub repository ``repo_id`` (see :func:`qadapter.hub.push_to_hub`)."""
+        import tempfile
+
+        from .hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(Path(tmp) / "adapter")
+            return push_to_hub(Path(tmp) / "adapter", repo_id, private=private, token=token)
+
     def set_training(self, on: bool) -> None:
         """Training mode for the LoRA dropout only: the frozen base (and its own dropout, which would
         make log π₁ noisy) always stays in eval mode."""
