@@ -15,6 +15,8 @@ _EXPORTS = {
     "load_base": "qadapter.model",
     "base_model_path": "qadapter.model",
     "push_to_hub": "qadapter.hub",
+    "export_merged": "qadapter.export",
+    "export_gguf": "qadapter.export",
     "read_records": "qadapter.data",
     "split_by_prompt": "qadapter.data",
     "PreferenceRecord": "qadapter.data",

@@ -676,6 +676,37 @@ def info(adapter: Annotated[Path, typer.Argument(help="Adapter folder (or a run 
     Console().print(table)
 
 
+class ExportFormat(str, Enum):
+    merged = "merged"
+    gguf = "gguf"
+
+
+@app.command(name="export", rich_help_panel="Share")
+def export_(
+    adapter: Annotated[str, typer.Argument(help="Adapter folder, run folder, or hub id (owner/name).")],
+    to: Annotated[ExportFormat, typer.Option("--to", help="merged: a plain transformers folder (vLLM, TGI, …); gguf: one GGUF file (llama.cpp, Ollama), for a base loaded from a GGUF.")],
+    output: Annotated[Path, typer.Option(help="The folder (merged) or .gguf file (gguf) to write.")],
+    alpha_0: Annotated[Optional[float], typer.Option("--alpha-0", help="α₀ of the exported policy (default: the adapter's).")] = None,
+    alpha_tilde: Annotated[Optional[float], typer.Option("--alpha-tilde", help="α̃ of the exported policy (default: the adapter's).")] = None,
+    approximate: Annotated[bool, typer.Option(help="Export where one model can only approximate the policy (anything but residual Q at α₀ = 1); the measured KL is recorded.")] = False,
+    dtype: Annotated[str, typer.Option(help="merged: weights in float32, bfloat16 or float16.")] = "float32",
+    gguf_type: Annotated[str, typer.Option(help="gguf: f16, f32 or q8_0 (1-D tensors stay f32); llama.cpp's llama-quantize makes smaller ones.")] = "f16",
+    model: ModelOption = None,
+    allow_base_mismatch: MismatchOption = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an export qadapter wrote at --output (never anything else).")] = False,
+) -> None:
+    """Export the customized policy as one plain model: exact for residual Q at α₀ = 1, else an approximation (--approximate) whose KL is measured."""
+    from .export import export_gguf, export_merged
+
+    folder = _adapter_path(adapter)
+    common = {"alpha_0": alpha_0, "alpha_tilde": alpha_tilde, "approximate": approximate, "model": model, "allow_base_mismatch": allow_base_mismatch, "overwrite": overwrite}
+    if to == ExportFormat.merged:
+        result = export_merged(folder, output, dtype=dtype, **common)
+    else:
+        result = export_gguf(folder, output, gguf_type_name=gguf_type, **common)
+    _console().print(result.summary(), markup=False, highlight=False)
+
+
 @app.command(rich_help_panel="Share")
 def push(
     adapter: Annotated[str, typer.Argument(help="Adapter folder (or a run folder holding adapter/).")],
