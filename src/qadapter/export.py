@@ -181,11 +181,9 @@ def merge(qmodel: QAdapterModel, plan: MergePlan) -> Any:
     inner = qmodel.peft_model.get_base_model()
     if any(isinstance(m, LoraLayer) for m in (inner.get_output_embeddings(), inner.get_input_embeddings())):
         untie_head(inner)  # merging into a shared weight would change both layers
-    if plan.lora_scale != 1:
-        for module in qmodel.peft_model.modules():
-            if isinstance(module, LoraLayer):
-                for name in module.scaling:
-                    module.scaling[name] *= plan.lora_scale
+    for module in qmodel.peft_model.modules():
+        if isinstance(module, LoraLayer):
+            module.scale_layer(plan.lora_scale)  # PEFT: the active adapter's α/r × s (a no-op at s = 1)
     model = qmodel.peft_model.merge_and_unload()
     if plan.head_scale != 1:
         untie_head(model)
