@@ -49,13 +49,13 @@ def deep_model_dir(tmp_path_factory):
     return folder
 
 
-def _randomize(qmodel, seed: int = 0) -> None:
+def _randomize(qmodel, seed: int = 0, scale: float = 0.5) -> None:
     """Non-zero LoRA weights (a fresh adapter has Q ≡ 0)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in qmodel.peft_model.named_parameters():
             if "lora_" in name:
-                p.add_(0.5 * torch.randn(p.shape, generator=g))
+                p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def _adapter(model_dir, seed: int = 0, **settings) -> QAdapterModel:
@@ -331,14 +331,19 @@ def test_training_data_prompts_are_grouped_once(tiny_model_dir):
 
 @pytest.mark.bundled
 def test_bundled_trunk_equals_whole_model(float32):
-    """The bundled SmolLM2 (30 layers), LoRA on the top 8: passes, loss and gradients equal the unshared path."""
+    """The bundled SmolLM2 (30 layers), LoRA on the top 8 with weights of a trained adapter's size: the loss and
+    gradients of prompts once through the trunk equal those of whole rows through the whole model, up to float32
+    rounding over 30 layers (the trunk itself adds none: it equals prompts once through the whole model, bit for bit
+    on the machine this was written on)."""
     qmodel = QAdapterModel.create(load_base("bundled", device="cpu"), QAdapterConfig(adapt_layers=8, lora_dropout=0.0))
-    _randomize(qmodel)
+    _randomize(qmodel, scale=0.02)
     assert qmodel.trunk is not None and qmodel.trunk.split == 22
     batch = collate_pairs(PAIRS, qmodel.tokenizer.pad_token_id)
     fast, fast_grads = _loss_and_grads(qmodel, batch, prompts_once=True)
     with unshared(qmodel):
         slow, slow_grads = _loss_and_grads(qmodel, batch, prompts_once=False)
-    assert_close(fast.loss, slow.loss, rtol=1e-4, atol=1e-4)
+        same, same_grads = _loss_and_grads(qmodel, batch, prompts_once=True)
+    assert_close(fast.loss, slow.loss, rtol=1e-5, atol=1e-5)
     for name in slow_grads:
-        assert_close(fast_grads[name], slow_grads[name], rtol=1e-3, atol=1e-5)
+        assert float((fast_grads[name] - slow_grads[name]).norm()) <= 1e-4 * float(slow_grads[name].norm())
+        assert_close(fast_grads[name], same_grads[name], rtol=1e-6, atol=1e-9)
