@@ -30,7 +30,7 @@ from .hardware import MixedPrecision, autocast, choose_mixed_precision
 from .model import position_ids
 from .sampling import Sampling, sample_next
 from .objective_hidden import base_coefficient, combined_hidden
-from .trunk import Segment
+from .trunk import Segment, lora_layers, mixed_batch
 
 Policy = Literal["customized", "base"]
 Prompt = str | list[Message]
@@ -135,6 +135,7 @@ class DecodeBatch:
         self.head = qmodel.peft_model.get_output_embeddings().weight if qmodel.hidden_path else None
         self.precision = choose_mixed_precision(self.device) if precision is None else precision
         self.trunk = qmodel.trunk
+        self.lora = lora_layers(self.model)  # every LoRA layer, for PEFT's mixed batch (see trunk.mixed_batch)
         self.mixtures: list[Mixture] = []  # per sequence
         self.cache: Any = None  # over all rows (shared layers: over all sequences)
         # a sequence's passes see the same tokens: mask and positions are kept per sequence
@@ -197,16 +198,16 @@ class DecodeBatch:
                 return self.trunk.decode(Segment(ids, mask, pos), rows, names, cache, logits=self.head is None)
             # logits_to_keep: an empty index asks the model for no logits at all on the hidden path
             keep = torch.empty(0, dtype=torch.long, device=self.device) if self.head is not None else 1
-            out = self.model(
-                input_ids=ids[rows],
-                attention_mask=mask[rows],
-                position_ids=pos[rows],
-                past_key_values=cache,
-                use_cache=True,
-                adapter_names=names,
-                logits_to_keep=keep,
-                output_hidden_states=self.head is not None,
-            )
+            with mixed_batch(self.lora, names):
+                out = self.model(
+                    input_ids=ids[rows],
+                    attention_mask=mask[rows],
+                    position_ids=pos[rows],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=keep,
+                    output_hidden_states=self.head is not None,
+                )
         last = out.hidden_states[-1] if self.head is not None else out.logits
         return last[:, -1].float(), out.past_key_values
 
