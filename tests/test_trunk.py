@@ -119,6 +119,15 @@ def test_adapt_layers_as_indices_and_out_of_range(deep_model_dir):
     assert _adapter(deep_model_dir, adapt_layers=None).trunk is None  # every layer adapted: nothing to share
 
 
+def test_peers_get_the_same_lora_placement(tiny_model_dir):
+    """The TRL peers (sft, dpo, replay) train with lora_config(config, base): the same layers_to_transform."""
+    from qadapter.model import lora_config
+
+    base = load_base(str(tiny_model_dir), device="cpu")
+    assert lora_config(QAdapterConfig(adapt_layers=1), base.model).layers_to_transform == [1]
+    assert lora_config(QAdapterConfig(), base.model).layers_to_transform is None
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, [1, 1], [], ["2"], 2.0])
 def test_adapt_layers_values_are_checked(bad):
     with pytest.raises(ConfigError, match="adapt_layers"):

@@ -3,6 +3,8 @@
 Loads any causal LM (hub id, local folder, GGUF file, or the bundled SmolLM2-135M-Instruct),
 attaches PEFT LoRA, and runs the two passes the method needs on the same weights: the adapted
 pass (adapter on, with gradients) and the base pass (``disable_adapter()``, no autograd graph).
+With LoRA on the top layers only (``adapt_layers``), the layers below run once for both passes
+(:mod:`qadapter.trunk`); in a preference batch each distinct prompt runs once (:meth:`QAdapterModel.pair_passes`).
 """
 
 from __future__ import annotations
