@@ -204,8 +204,9 @@ def test_scoring_shared_contexts_equals_unshared(deep_model_dir):
         assert_close(getattr(fast, name), getattr(slow, name))
 
 
-def test_training_uses_prompts_once_and_the_trunk(deep_model_dir, tmp_path, monkeypatch):
-    """A real training run goes through the shared path (single process) and learns with top-K."""
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_training_uses_prompts_once_and_the_trunk(deep_model_dir, tmp_path, monkeypatch, precision):
+    """A real training run (float32, or bf16 autocast as on a GPU) goes through the shared path (single process)."""
     from qadapter.training import train
 
     calls = []
@@ -213,7 +214,8 @@ def test_training_uses_prompts_once_and_the_trunk(deep_model_dir, tmp_path, monk
     monkeypatch.setattr(QAdapterModel, "_shared_passes", lambda self, shared: calls.append(self.trunk) or original(self, shared))
     records = read_records(marker_records(8)).records
     config = QAdapterConfig(max_steps=2, batch_size=4, micro_batch_size=4, adapt_layers=2, lora_dropout=0.0)
-    result = train(config, records, [], tmp_path / "run", model=str(deep_model_dir), mixed_precision="no", progress=False, log=lambda s: None)
+    result = train(config, records, [], tmp_path / "run", model=str(deep_model_dir), mixed_precision=precision, progress=False, log=lambda s: None)
+    assert result.metrics["history"][-1]["loss"] is not None
     assert len(calls) == 2 and all(trunk is not None and trunk.split == 2 for trunk in calls)
     assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["layers_to_transform"] == [2, 3]
 
@@ -356,3 +358,14 @@ def test_bundled_trunk_equals_whole_model(float32):
     for name in slow_grads:
         assert float((fast_grads[name] - slow_grads[name]).norm()) <= 1e-4 * float(slow_grads[name].norm())
         assert_close(fast_grads[name], same_grads[name], rtol=1e-6, atol=1e-9)
+
+
+def test_finding_the_trunk_leaves_training_modes_alone(deep_model_dir):
+    """The numerical check runs in eval mode and puts every module's mode back (a model fresh from a trainer)."""
+    from qadapter.trunk import find_trunk
+
+    qmodel = _adapter(deep_model_dir, lora_dropout=0.5)
+    qmodel.set_training(True)
+    before = {name: m.training for name, m in qmodel.peft_model.named_modules()}
+    assert find_trunk(qmodel.peft_model) is not None
+    assert {name: m.training for name, m in qmodel.peft_model.named_modules()} == before

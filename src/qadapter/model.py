@@ -345,7 +345,7 @@ class QAdapterModel:
             return self._outputs(shared.input_ids, base, adapted, shared.completion_mask)
         full = torch.cat([shared.context_mask[shared.owner], shared.mask], dim=1)  # (n, Tc + Tr)
         segments = [
-            Segment(shared.context_ids, shared.context_mask, position_ids(shared.context_mask)),
+            Segment(shared.context_ids, shared.context_mask, position_ids(shared.context_mask), last_only=True),
             Segment(shared.ids, full, position_ids(full)[:, shared.context_ids.shape[1] :], rows=shared.owner),
         ]
         base, adapted = self.trunk.passes(segments, logits=not self.hidden_path)

@@ -34,12 +34,14 @@ FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # config.model_typ
 class Segment:
     """Rows run through the decoder in one forward: ``ids`` (b, q); ``mask`` (b, past + q), 1 on real tokens of
     the past and of these rows; ``positions`` (b, q); ``rows`` (b,), the row of the previous segment whose KV
-    cache each row continues (None: the first segment, no past)."""
+    cache each row continues (None: the first segment, no past); ``last_only``: only the last position's output
+    is read (a context whose cache serves the next segment)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     positions: torch.Tensor
     rows: torch.Tensor | None = None
+    last_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,10 +106,14 @@ class Trunk:
 
     # --- training and scoring: the bottom once, the top per pass ---------------------------------------
 
+    def _cache(self, segments: Sequence[Segment]) -> Any:
+        """A KV cache where a segment continues another; none for one segment (as a forward with use_cache=False)."""
+        return self.new_cache() if len(segments) > 1 else None
+
     def bottom(self, segments: Sequence[Segment]) -> tuple[list[torch.Tensor], list[Frame]]:
         """Embeddings and the shared layers over ``segments`` in turn (each continuing the cache of the one
         before), with no autograd graph: hidden states entering layer ``split``, and each segment's frame."""
-        cache = self.new_cache()
+        cache = self._cache(segments)
         hidden, frames = [], []
         with torch.no_grad():
             for segment in segments:
@@ -120,13 +126,15 @@ class Trunk:
 
     def top(self, hidden: Sequence[torch.Tensor], segments: Sequence[Segment], frames: Sequence[Frame], logits: bool) -> list[torch.Tensor]:
         """The adapted layers and the final norm over the bottom's output, segment by segment with a cache of
-        their own, under whatever adapter context the caller set: final hidden states, or ``logits``."""
-        cache = self.new_cache()
+        their own, under whatever adapter context the caller set: final hidden states, or ``logits`` (of the last
+        position alone for a ``last_only`` segment)."""
+        cache = self._cache(segments)
         out = []
         for h, segment, frame in zip(hidden, segments, frames):
             if segment.rows is not None:
                 select_rows(cache, segment.rows, self.above)
-            final = self.decoder.norm(self.run(h, frame, self.above, cache))
+            h = self.run(h, frame, self.above, cache)
+            final = self.decoder.norm(h[:, -1:] if segment.last_only else h)
             out.append(self.head(final) if logits else final)
         return out
 
@@ -277,10 +285,16 @@ def _agrees(trunk: Trunk) -> bool:
         Segment(ids[:, :cut], mask[:, :cut], positions[:, :cut]),
         Segment(ids[:, cut:], mask, positions[:, cut:], rows=torch.zeros(1, dtype=torch.long, device=device)),
     ]
-    with model.disable_adapter():
-        whole = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        hidden, frames = trunk.bottom(segments)
-        mine = torch.cat(trunk.top(hidden, segments, frames, logits=False), dim=1).float()
+    modes = {module: module.training for module in model.modules()}  # a model fresh from a trainer may be in training mode
+    model.eval()  # so that no dropout makes the two differ
+    try:
+        with model.disable_adapter():
+            whole = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            hidden, frames = trunk.bottom(segments)
+            mine = torch.cat(trunk.top(hidden, segments, frames, logits=False), dim=1).float()
+    finally:
+        for module, training in modes.items():
+            module.training = training
     expected = whole.hidden_states[-1].float()
     if mine.shape != expected.shape:
         return False
