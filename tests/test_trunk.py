@@ -59,7 +59,7 @@ def _randomize(qmodel, seed: int = 0, scale: float = 0.5) -> None:
 
 
 def _adapter(model_dir, seed: int = 0, **settings) -> QAdapterModel:
-    config = QAdapterConfig(lora_dropout=0.0, seed=seed, **{"adapt_layers": 2, **settings})
+    config = QAdapterConfig(**{"lora_dropout": 0.0, "seed": seed, "adapt_layers": 2, **settings})
     qmodel = QAdapterModel.create(load_base(str(model_dir), device="cpu"), config)
     _randomize(qmodel, seed)
     return qmodel
