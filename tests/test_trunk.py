@@ -369,3 +369,45 @@ def test_finding_the_trunk_leaves_training_modes_alone(deep_model_dir):
     before = {name: m.training for name, m in qmodel.peft_model.named_modules()}
     assert find_trunk(qmodel.peft_model) is not None
     assert {name: m.training for name, m in qmodel.peft_model.named_modules()} == before
+
+
+def test_server_batches_on_the_trunk(deep_model_dir, tmp_path):
+    """Continuous batching in the server over a composition of top-K adapters: 8 concurrent streamed requests on
+    4 batch slots (joining and leaving mid-flight) answer, greedily, what each alone answers through the whole model."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qadapter.decode import generate
+    from qadapter.serve import create_app
+
+    from conftest import running
+
+    for name, layers, seed in (("a", 2, 0), ("b", 1, 1)):
+        _adapter(deep_model_dir, seed=seed, adapt_layers=layers).save_pretrained(tmp_path / name)
+    composed = load_composition({"a": tmp_path / "a", "b": tmp_path / "b"})
+    assert composed.trunk is not None
+    prompts = ["tell me about the cat", "why is the dog so big", "hello there", "say something good", "what is the answer",
+               "where is the red mat", "one two three", "how fast is the blue dog"]
+    models = ["a", "b", "a+b", "base"]
+
+    def local(i: int) -> str:
+        model = models[i % 4]
+        weights = {"a": float(model in ("a", "a+b")), "b": float(model in ("b", "a+b"))}
+        config = DecodeConfig(max_new_tokens=6 + 2 * i, weights=weights)
+        return generate(composed, [prompts[i]], config, policy="base" if model == "base" else "customized")[0]
+
+    with unshared(composed):
+        expected = [local(i) for i in range(8)]
+    assert len(set(expected)) > 4  # real, different answers
+    with running(create_app(composed, max_batch_size=4)) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def ask(i: int) -> str:
+            stream = client.chat.completions.create(model=models[i % 4], messages=[{"role": "user", "content": prompts[i]}],
+                                                    max_tokens=6 + 2 * i, temperature=0, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in stream)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(8)))
+    assert [a.strip() for a in answers] == expected
