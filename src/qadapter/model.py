@@ -564,8 +564,9 @@ def _shared_states(module: Any, shared: SharedContexts, *, hidden: bool) -> torc
     each context runs once, and its KV cache, copied to the rows of its continuations, serves them
     (transformers' ``Cache.batch_select_indices``, as decoding uses it)."""
     keep = {"output_hidden_states": True, "logits_to_keep": 1} if hidden else {}
-    context = module(
-        input_ids=shared.context_ids, attention_mask=shared.context_mask, position_ids=position_ids(shared.context_mask), use_cache=True, **keep
+    context = module(  # only the context's last position is read
+        input_ids=shared.context_ids, attention_mask=shared.context_mask, position_ids=position_ids(shared.context_mask), use_cache=True,
+        **{**keep, "logits_to_keep": 1},
     )
     cache = context.past_key_values
     cache.batch_select_indices(shared.owner)  # (m, …) → (n, …): each continuation's context
