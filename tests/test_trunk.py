@@ -299,10 +299,17 @@ def test_composition_shares_the_trunk_of_its_lowest_adapter(deep_model_dir, tmp_
 # --- families ---------------------------------------------------------------------------------------
 
 
-def test_qwen3_decoder_shares_its_trunk(tmp_path, float32):
-    from transformers import Qwen3Config
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_other_families_share_their_trunk(tmp_path, float32, family):
+    """Qwen2, Qwen3 (q/k norms) and Mistral without a sliding window: same losses and decoding as the whole model."""
+    import transformers
 
-    _save_model(tmp_path, _small(Qwen3Config, head_dim=16))
+    config = {
+        "qwen2": lambda: _small(transformers.Qwen2Config),
+        "qwen3": lambda: _small(transformers.Qwen3Config, head_dim=16),
+        "mistral": lambda: _small(transformers.MistralConfig, sliding_window=None),
+    }[family]()
+    _save_model(tmp_path, config)
     qmodel = _adapter(tmp_path)
     assert qmodel.trunk is not None and qmodel.trunk.split == 2
     batch = collate_pairs(PAIRS, 0)
