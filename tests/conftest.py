@@ -17,6 +17,7 @@ import torch
 # The tests read only the data shipped with the package (or folders they build): a developer's
 # QADAPTER_DATA_DIR, or a ../shared beside the checkout, must not change what they see.
 os.environ.pop("QADAPTER_DATA_DIR", None)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub; hub calls are mocked
 
 WORDS = (
     "the a cat dog sat ran on mat log red blue green big small fast slow tell me about say something "
@@ -81,6 +82,85 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tokenizer = build_tokenizer()
     build_model(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's 256 byte-level characters (every byte spelled as one printable character)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return [chr(b) for b in kept] + [chr(256 + i) for i in range(len(moved))]
+
+
+def llama_gguf_permute(w, n_head: int):
+    """llama.cpp's convert_hf_to_gguf.py q/k row order, written out here independently of qadapter.export."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, seed: int = 0):
+    """A tiny random Llama with a byte-level BPE tokenizer and a chat template, written as an F32 GGUF the
+    way llama.cpp's converter lays it out (the bundled model's layout, at toy size). Returns the HF model."""
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *byte_level_alphabet(), "Ġt", "he", "Ġthe"]
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config)
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(16)
+    writer.add_vocab_size(len(tokens))
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":  # tied: llama.cpp reads the embeddings
+            continue
+        array = tensor.numpy().copy()
+        if ".q_proj." in name or ".k_proj." in name:
+            array = llama_gguf_permute(array, 4 if ".q_proj." in name else 2)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A tiny Llama GGUF file (see write_tiny_gguf): a GGUF base, as the bundled model is one."""
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.F32.gguf"
+    write_tiny_gguf(path)
+    return path
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    """A fresh $QADAPTER_CACHE for this test (converted GGUFs, the hash index)."""
+    folder = tmp_path / "cache-a"
+    monkeypatch.setenv("QADAPTER_CACHE", str(folder))
     return folder
 
 

@@ -395,7 +395,8 @@ def test_collate_dedup_across_roles_and_prompts():
 def test_collate_dtypes():
     """All tensors are int64."""
     batch = collate_pairs([DOC_PAIR], 0)
-    assert all(t.dtype == torch.long for t in vars(batch).values())
+    tensors = [t for k, t in vars(batch).items() if k != "shared"] + list(vars(batch.shared).values())
+    assert all(t.dtype == torch.long for t in tensors)
 
 
 def test_collate_bad_padding_side():
@@ -409,9 +410,11 @@ def test_batch_to_cpu():
     batch = collate_pairs([DOC_PAIR], 0)
     moved = batch.to("cpu")
     assert isinstance(moved, PreferenceBatch) and moved is not batch
-    for name, value in vars(batch).items():
-        assert getattr(moved, name).device.type == "cpu"
-        assert_close(getattr(moved, name), value)
+    pairs = [(getattr(moved, k), v) for k, v in vars(batch).items() if k != "shared"]
+    pairs += [(getattr(moved.shared, k), v) for k, v in vars(batch.shared).items()]  # the prompts-once layout moves too
+    for moved_value, value in pairs:
+        assert moved_value.device.type == "cpu"
+        assert_close(moved_value, value)
     assert moved.num_pairs == 1
 
 

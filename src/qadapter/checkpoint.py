@@ -28,6 +28,7 @@ from .atomic import atomic_dir
 from .adapter_schema import check_against_base, check_peft_config, check_tensor_shapes
 from .config import ADAPTER_NAME, QAdapterConfig, read_json
 from .errors import ConfigError, ModelError
+from .hub import adapter_folder
 
 QADAPTER_CONFIG = "qadapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -35,17 +36,38 @@ ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.pt"
 STEP_FOLDER = re.compile(r"step-\d+")  # checkpoints/step-000004; anything else there is not ours
 RESERVED_NAMES = ("base", "__base__")  # the server's model id of the base; PEFT's name for "no adapter"
+GGUF_REVISION = "gguf-sha256:"  # a GGUF base's revision: its content hash, not a hub commit
+SHA256 = re.compile(r"[0-9a-f]{64}")
+README = "README.md"
 
 
 @dataclass
 class BaseIdentity:
-    """What an adapter records about its base model, to refuse a different one at load time."""
+    """What an adapter records about its base model: a portable way to find it again on any machine
+    (``name``, ``revision``, ``file``, ``sha256``), and what refuses a different one at load time
+    (``architecture``, ``fingerprint``, ``chat_template_sha256``).
+
+    ``name`` is what :func:`~qadapter.model.load_base` takes again: ``"bundled"``, a hub id, or an
+    absolute path (a GGUF file or a local folder, found again by ``sha256`` where the path is not
+    there). ``revision``: the hub commit, or ``gguf-sha256:…`` for a GGUF. ``file``: a GGUF's file
+    name. ``sha256``: a GGUF's content hash, or a local folder's weight files' (None for a hub model,
+    which its commit pins). Adapters written before ``file`` and ``sha256`` existed read as None.
+    """
 
     name: str
     revision: str | None
     architecture: dict[str, Any]
     fingerprint: list[float]
     chat_template_sha256: str | None
+    file: str | None = None
+    sha256: str | None = None
+
+    @property
+    def gguf_sha256(self) -> str | None:
+        """The content hash of a GGUF base (older adapters record it only in ``revision``)."""
+        if self.revision is not None and self.revision.startswith(GGUF_REVISION):
+            return self.revision[len(GGUF_REVISION) :]
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,10 +93,81 @@ class BaseIdentity:
 
 
 def write_adapter_files(qmodel: Any, folder: Path) -> None:
-    """PEFT's adapter files plus qadapter_config.json into ``folder`` (the caller makes it atomic)."""
+    """PEFT's adapter files, pointed at the base by its portable identity, plus qadapter_config.json
+    and a model card into ``folder`` (the caller makes it atomic)."""
     qmodel.peft_model.save_pretrained(str(folder), safe_serialization=True)
+    name_or_path, revision = peft_base_reference(qmodel.identity)
+    peft_path = folder / ADAPTER_CONFIG
+    peft = json.loads(peft_path.read_text(encoding="utf-8"))
+    peft.update(base_model_name_or_path=name_or_path, revision=revision)  # PEFT wrote the machine's own path
+    peft_path.write_text(json.dumps(peft, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     meta = {"qadapter_version": __version__, "config": qmodel.config.to_dict(), "base": qmodel.identity.to_dict()}
     (folder / QADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (folder / README).write_text(adapter_card(qmodel.config, qmodel.identity), encoding="utf-8")
+
+
+def is_gguf_base(identity: BaseIdentity) -> bool:
+    return identity.file is not None or identity.gguf_sha256 is not None
+
+
+def peft_base_reference(identity: BaseIdentity) -> tuple[str, str | None]:
+    """``(base_model_name_or_path, revision)`` for PEFT's adapter_config.json. A hub model: its id and
+    commit, which ``AutoPeftModelForCausalLM`` loads on any machine. A local folder: its absolute path.
+    A GGUF base: its file name, for people to read; transformers cannot load a GGUF from that field
+    (PEFT passes no ``gguf_file``), so PEFT users load the base with :func:`qadapter.base_model_path`."""
+    if is_gguf_base(identity):
+        return identity.file or identity.name, None
+    return identity.name, hub_revision(identity)
+
+
+def adapter_card(config: QAdapterConfig, identity: BaseIdentity) -> str:
+    """The adapter folder's README.md: what it is, its base by portable identity, how to load it."""
+    q = "adapted − base logits" if config.q_form == "residual" else "the adapted logits"
+    name_or_path, _ = peft_base_reference(identity)
+    hub = not is_gguf_base(identity) and not Path(identity.name).is_absolute()
+    base_lines = [f"- {key}: `{value}`" for key, value in (("name", identity.name), ("revision", identity.revision), ("file", identity.file), ("sha256", identity.sha256)) if value]
+    exact = config.q_form == "residual" and config.alpha_0 == config.alpha_tilde == 1
+    exact_text = "exactly the customized policy at this adapter's dial" if exact else "not the customized policy at this adapter's dial"
+    return "\n".join([
+        "---",
+        "library_name: peft",
+        *([f"base_model: {identity.name}"] if hub else []),
+        "tags:",
+        "- qadapter",
+        "- lora",
+        "---",
+        "",
+        "# Q-Adapter",
+        "",
+        "A LoRA adapter read as a Q-function (Q-Adapter, arXiv 2407.03856), written by qadapter "
+        f"{__version__}. The customized policy is π̃ ∝ exp((Q + α₀·log π₁)/α̃), Q = {q} ({config.q_form} Q), "
+        f"with α₀ = {config.alpha_0:g} and α̃ = {config.alpha_tilde:g} by default (both can be changed when decoding).",
+        "",
+        "## Base model",
+        "",
+        *base_lines,
+        "",
+        "## Load",
+        "",
+        "```python",
+        "from qadapter import QAdapterModel  # finds the base on any machine that has it",
+        'qmodel = QAdapterModel.from_pretrained("ADAPTER")  # this folder, or its hub id',
+        "```",
+        "",
+        f"With PEFT alone you get the adapted model ({exact_text}; `qadapter export` merges it, and says which exports are exact):",
+        "",
+        "```python",
+        "import qadapter",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        'base = AutoModelForCausalLM.from_pretrained(qadapter.base_model_path("ADAPTER"))',
+        'model = PeftModel.from_pretrained(base, "ADAPTER")',
+        "```",
+        "",
+        f"`adapter_config.json` names the base as `{name_or_path}`"
+        + (" (a GGUF: transformers cannot load it from that name, hence `base_model_path`)." if is_gguf_base(identity) else "."),
+        "",
+    ])
 
 
 def save_adapter(qmodel: Any, adapter_dir: str | Path) -> None:
@@ -84,8 +177,8 @@ def save_adapter(qmodel: Any, adapter_dir: str | Path) -> None:
 
 
 def read_adapter_meta(adapter_dir: str | Path) -> tuple[QAdapterConfig, dict[str, Any], str]:
-    """(config, base identity dict, qadapter version) of an adapter folder, validated."""
-    adapter_dir = Path(adapter_dir)
+    """(config, base identity dict, qadapter version) of an adapter folder (or hub id), validated."""
+    adapter_dir = adapter_folder(adapter_dir)
     path = adapter_dir / QADAPTER_CONFIG
     if not path.is_file():
         hint = " (a plain PEFT LoRA? Q-Adapters carry qadapter_config.json)" if (adapter_dir / "adapter_config.json").is_file() else ""
@@ -116,6 +209,8 @@ def _saved_identity(base_meta: dict[str, Any], path: Path) -> BaseIdentity:
         and bool(fingerprint)
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fingerprint),
         "chat_template_sha256": saved.chat_template_sha256 is None or isinstance(saved.chat_template_sha256, str),
+        "file": saved.file is None or isinstance(saved.file, str) and "/" not in saved.file and bool(saved.file),
+        "sha256": saved.sha256 is None or isinstance(saved.sha256, str) and SHA256.fullmatch(saved.sha256) is not None,
     }
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
@@ -146,8 +241,8 @@ class AdapterFiles:
 
 
 def read_adapter(adapter_dir: str | Path) -> AdapterFiles:
-    """Everything an adapter folder holds, each file checked against its schema."""
-    folder = Path(adapter_dir)
+    """Everything an adapter folder (or hub id, see :mod:`qadapter.hub`) holds, each file checked against its schema."""
+    folder = adapter_folder(adapter_dir)
     config, base_meta, _ = read_adapter_meta(folder)
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are loaded)")
@@ -207,7 +302,7 @@ def check_same_base(adapters: dict[str, AdapterFiles], allow_base_mismatch: bool
 def hub_revision(identity: BaseIdentity) -> str | None:
     """The hub revision to load a recorded base at; None for a GGUF base (its revision is a content hash)."""
     revision = identity.revision
-    return None if revision is None or revision.startswith("gguf-sha256:") else revision
+    return None if revision is None or revision.startswith(GGUF_REVISION) else revision
 
 
 # ---------------------------------------------------------------------------------------------

@@ -546,8 +546,11 @@ def _relaunch(num_processes: int) -> int:
     return subprocess.call([*launcher, "-m", "qadapter", *args])
 
 
-def _adapter_path(path: Path) -> Path:
-    """Accept a run folder as well as its adapter/ folder."""
+def _adapter_path(path: Path | str) -> Path:
+    """Accept a run folder as well as its adapter/ folder, and a hub id (owner/name[@revision]) that is not a local path."""
+    from .hub import adapter_folder
+
+    path = adapter_folder(path)
     return path / "adapter" if (path / "adapter" / "qadapter_config.json").is_file() else path
 
 
@@ -661,6 +664,8 @@ def info(adapter: Annotated[Path, typer.Argument(help="Adapter folder (or a run 
     table = Table(title=str(folder), show_header=False)
     table.add_row("qadapter version", version)
     table.add_row("base model", f"{base.get('name')} ({base.get('revision') or 'no revision'})")
+    if base.get("sha256"):
+        table.add_row("base sha256", f"{base.get('file') or 'weights'}: {base['sha256']}")
     for key, value in config.to_dict().items():
         table.add_row(key, str(value))
     metrics_path = adapter / "metrics.json"
@@ -669,6 +674,50 @@ def info(adapter: Annotated[Path, typer.Argument(help="Adapter folder (or a run 
         for key in ("pref_accuracy_before", "pref_accuracy_after", "n_eval_pairs", "train_seconds"):
             table.add_row(key, str(metrics.get(key)))
     Console().print(table)
+
+
+class ExportFormat(str, Enum):
+    merged = "merged"
+    gguf = "gguf"
+
+
+@app.command(name="export", rich_help_panel="Share")
+def export_(
+    adapter: Annotated[str, typer.Argument(help="Adapter folder, run folder, or hub id (owner/name).")],
+    to: Annotated[ExportFormat, typer.Option("--to", help="merged: a plain transformers folder (vLLM, TGI, …); gguf: one GGUF file (llama.cpp, Ollama), for a base loaded from a GGUF.")],
+    output: Annotated[Path, typer.Option(help="The folder (merged) or .gguf file (gguf) to write.")],
+    alpha_0: Annotated[Optional[float], typer.Option("--alpha-0", help="α₀ of the exported policy (default: the adapter's).")] = None,
+    alpha_tilde: Annotated[Optional[float], typer.Option("--alpha-tilde", help="α̃ of the exported policy (default: the adapter's).")] = None,
+    approximate: Annotated[bool, typer.Option(help="Export where one model can only approximate the policy (anything but residual Q at α₀ = 1); the measured KL is recorded.")] = False,
+    dtype: Annotated[str, typer.Option(help="merged: weights in float32, bfloat16 or float16.")] = "float32",
+    gguf_type: Annotated[str, typer.Option(help="gguf: f16, f32 or q8_0 (1-D tensors stay f32); llama.cpp's llama-quantize makes smaller ones.")] = "f16",
+    model: ModelOption = None,
+    allow_base_mismatch: MismatchOption = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an export qadapter wrote at --output (never anything else).")] = False,
+) -> None:
+    """Export the customized policy as one plain model: exact for residual Q at α₀ = 1, else an approximation (--approximate) whose KL is measured."""
+    from .export import export_gguf, export_merged
+
+    folder = _adapter_path(adapter)
+    common = {"alpha_0": alpha_0, "alpha_tilde": alpha_tilde, "approximate": approximate, "model": model, "allow_base_mismatch": allow_base_mismatch, "overwrite": overwrite}
+    if to == ExportFormat.merged:
+        result = export_merged(folder, output, dtype=dtype, **common)
+    else:
+        result = export_gguf(folder, output, gguf_type_name=gguf_type, **common)
+    _console().print(result.summary(), markup=False, highlight=False)
+
+
+@app.command(rich_help_panel="Share")
+def push(
+    adapter: Annotated[str, typer.Argument(help="Adapter folder (or a run folder holding adapter/).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub model repository, owner/name (created if need be).")],
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+) -> None:
+    """Upload an adapter to the Hugging Face hub (token: `hf auth login` or HF_TOKEN); load it anywhere by its id."""
+    from .hub import push_to_hub
+
+    commit = push_to_hub(_adapter_path(adapter), repo_id, private=private)
+    _console().print(f"pushed to {getattr(commit, 'commit_url', None) or repo_id}; load it with --adapter {repo_id}", markup=False, highlight=False)
 
 
 def main() -> None:

@@ -36,6 +36,8 @@ class PreferenceBatch:
 
     input_ids, attention_mask, completion_mask: (n, T) with n <= 2B distinct sequences.
     chosen_index, rejected_index: (B,) rows of the pairs' chosen and rejected sequences.
+    shared: the same n sequences, in the same order, as continuations of their distinct prompts
+    (:class:`SharedContexts`), so that a prompt that several sequences share runs once.
     """
 
     input_ids: torch.Tensor
@@ -43,13 +45,14 @@ class PreferenceBatch:
     completion_mask: torch.Tensor
     chosen_index: torch.Tensor
     rejected_index: torch.Tensor
+    shared: "SharedContexts | None" = None
 
     @property
     def num_pairs(self) -> int:
         return self.chosen_index.shape[0]
 
     def to(self, device: torch.device | str) -> "PreferenceBatch":
-        return PreferenceBatch(**{k: v.to(device) for k, v in vars(self).items()})
+        return PreferenceBatch(**{k: v.to(device) if v is not None else None for k, v in vars(self).items()})
 
 
 def eos_ids(tokenizer: Any, extra: int | list[int] | None = None) -> set[int]:
@@ -170,7 +173,19 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, padding_side: s
         for response, index in ((pair.chosen, chosen_index), (pair.rejected, rejected_index)):
             index.append(rows.setdefault((pair.prompt, response), len(rows)))
     ids, attention, completion = pad_rows(list(rows), pad_token_id, padding_side)
-    return PreferenceBatch(ids, attention, completion, torch.tensor(chosen_index), torch.tensor(rejected_index))
+    shared = shared_rows(list(rows), pad_token_id)
+    return PreferenceBatch(ids, attention, completion, torch.tensor(chosen_index), torch.tensor(rejected_index), shared)
+
+
+def shared_rows(rows: list[tuple[Sequence[int], Sequence[int]]], pad_token_id: int) -> "SharedContexts":
+    """(prompt, response) rows → :class:`SharedContexts` with one context per distinct prompt (in order of first
+    appearance) and one continuation per row, in the rows' order. Every prompt must be non-empty."""
+    prompts = list(dict.fromkeys(tuple(prompt) for prompt, _ in rows))
+    where = {prompt: i for i, prompt in enumerate(prompts)}
+    context_ids, context_mask, _ = pad_rows([(prompt, ()) for prompt in prompts], pad_token_id, "left")
+    ids, mask, _ = pad_rows([((), response) for _, response in rows], pad_token_id)
+    owner = torch.tensor([where[tuple(prompt)] for prompt, _ in rows])
+    return SharedContexts(context_ids, context_mask, ids, mask, owner)
 
 
 def pad_rows(

@@ -91,6 +91,51 @@ def lora_targets(value: Any) -> str | None:
     return expected and f"{expected} or {ALL_LINEAR!r}"
 
 
+MAX_LAYERS = 4096  # far above any decoder's depth; the base's own depth bounds the indices when the adapter is built
+
+
+def adapt_layers_value(value: Any) -> str | None:
+    """None (every layer), a count K >= 1 (the top K layers), or a list of distinct layer indices."""
+    if value is None or (is_number(value) and isinstance(value, int) and 1 <= value <= MAX_LAYERS):
+        return None
+    ok = (
+        isinstance(value, list)
+        and 0 < len(value) <= MAX_LAYERS
+        and all(is_number(i) and isinstance(i, int) and 0 <= i < MAX_LAYERS for i in value)
+        and len(set(value)) == len(value)
+    )
+    return None if ok else f"a layer count in [1, {MAX_LAYERS}] or a list of distinct layer indices in [0, {MAX_LAYERS})"
+
+
+def parse_adapt_layers(text: str) -> int | list[int] | None:
+    """The CLI's ``--adapt-layers``: ``"8"`` → 8 (the top 8 layers), ``"20,21,22"`` → those indices (one index
+    alone: ``"5,"``), ``"all"`` → None (every layer)."""
+    text = text.strip()
+    if text.lower() in ("", "all", "none"):
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        numbers = [int(part) for part in parts if part]
+    except ValueError:
+        raise ConfigError(f"adapt_layers: expected a layer count (8) or comma-separated layer indices (20,21,22), got {text!r}") from None
+    return numbers if "," in text else numbers[0]
+
+
+def resolve_layers(adapt_layers: int | list[int] | None, num_layers: int) -> list[int] | None:
+    """The layer indices ``adapt_layers`` names in a decoder of ``num_layers`` layers, ascending (None: every
+    layer); ConfigError where it asks for layers the decoder does not have."""
+    if adapt_layers is None:
+        return None
+    if isinstance(adapt_layers, int):
+        if adapt_layers > num_layers:
+            raise ConfigError(f"adapt_layers must be at most the base model's {num_layers} layers, got {adapt_layers}")
+        return list(range(num_layers - adapt_layers, num_layers))
+    beyond = [i for i in adapt_layers if i >= num_layers]
+    if beyond:
+        raise ConfigError(f"adapt_layers must name layers below {num_layers} (the base model's depth), got {beyond[0]}")
+    return sorted(adapt_layers)
+
+
 def parse_targets(values: list[str]) -> list[str] | str:
     """The CLI's ``--target-modules`` (comma-separated, repeatable) → a list of names, or 'all-linear' alone."""
     names = [name.strip() for value in values for name in value.split(",") if name.strip()]
@@ -178,6 +223,20 @@ class QAdapterConfig:
             ),
             "collect": parse_targets,  # the CLI's values → the field
             "metavar": "NAME,...",
+        },
+    )
+    adapt_layers: int | list[int] | None = field(
+        default=None,
+        metadata={
+            **_help(
+                "Which decoder layers get LoRA: a count K (the top K layers, e.g. 8), comma-separated layer indices "
+                "(e.g. 20,21,22), or none for every layer. Layers below the lowest adapted one compute the same for the "
+                "base and the adapter, so they run once, shared by both passes, in training, scoring and decoding. "
+                "Saved as PEFT's layers_to_transform.",
+                adapt_layers_value,
+            ),
+            "parse": parse_adapt_layers,  # the CLI's text → the field
+            "metavar": "K|I,J,...",
         },
     )
     # --- optimisation ---------------------------------------------------------------------------

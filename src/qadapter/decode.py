@@ -30,6 +30,7 @@ from .hardware import MixedPrecision, autocast, choose_mixed_precision
 from .model import position_ids
 from .sampling import Sampling, sample_next
 from .objective_hidden import base_coefficient, combined_hidden
+from .trunk import Segment, lora_layers, mixed_batch
 
 Policy = Literal["customized", "base"]
 Prompt = str | list[Message]
@@ -117,9 +118,12 @@ class DecodeBatch:
     A sequence contributes one row per pass its :class:`Mixture` reads, grouped by sequence, and
     PEFT's mixed-batch LoRA (``adapter_names``, ``"__base__"`` for base rows) applies each row's
     adapter, so all passes of all sequences share every weight read: a small batch costs about one
-    pass, not one per adapter. Sequences join (:meth:`add`: their prompts run through one prefill
-    forward and their cache rows are appended, everything left-padded to one length; positions are
-    explicit, so padding in front changes nothing) and leave (:meth:`keep`) between steps.
+    pass, not one per adapter. With a shared trunk (adapters on the top layers only, see trunk.py)
+    the layers below the adapted ones see one row per sequence, and their cache layers hold one row
+    per sequence; only the adapted layers see (and cache) one row per pass. Sequences join (:meth:`add`:
+    their prompts run through one prefill forward and their cache rows are appended, everything
+    left-padded to one length; positions are explicit, so padding in front changes nothing) and leave
+    (:meth:`keep`) between steps.
     """
 
     def __init__(self, qmodel: Any, precision: MixedPrecision | None = None) -> None:
@@ -130,10 +134,13 @@ class DecodeBatch:
         # vocabulary projection is the largest matrix, and on a CPU two rows cost it more than twice one.
         self.head = qmodel.peft_model.get_output_embeddings().weight if qmodel.hidden_path else None
         self.precision = choose_mixed_precision(self.device) if precision is None else precision
+        self.trunk = qmodel.trunk
+        self.lora = lora_layers(self.model)  # every LoRA layer, for PEFT's mixed batch (see trunk.mixed_batch)
         self.mixtures: list[Mixture] = []  # per sequence
-        self.cache: Any = None  # over all rows
-        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (rows, L)
-        self.pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (rows, 1): position of each row's last token
+        self.cache: Any = None  # over all rows (shared layers: over all sequences)
+        # a sequence's passes see the same tokens: mask and positions are kept per sequence
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (n, L)
+        self.pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (n, 1): position of each sequence's last token
 
     @property
     def can_join(self) -> bool:
@@ -144,11 +151,9 @@ class DecodeBatch:
     def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mixtures: Sequence[Mixture]) -> torch.Tensor:
         """Prefill new sequences, left-padded (n, T) prompts with one mixture each, in one forward; they
         join after the running ones. Returns their next-token logits, (n, V)."""
-        owner, names = _layout(mixtures)
-        rows = torch.tensor(owner, device=self.device)
-        ids, mask = input_ids.to(self.device)[rows], attention_mask.to(self.device)[rows]  # (rows, T)
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device)  # (n, T)
         pos = position_ids(mask)
-        rows_out, cache = self._forward(ids, mask, pos, None, names)
+        rows_out, cache = self._forward(ids, mask, pos, None, mixtures)
         self.cache, self.mask = _join_caches(self.cache, self.mask, cache, mask)
         self.pos = torch.cat([self.pos, pos[:, -1:]])
         self.mixtures += mixtures
@@ -156,11 +161,9 @@ class DecodeBatch:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence, (n,); returns each sequence's next-token logits, (n, V)."""
-        owner, names = _layout(self.mixtures)
-        self.mask = F.pad(self.mask, (0, 1), value=1)  # (rows, L+1)
+        self.mask = F.pad(self.mask, (0, 1), value=1)  # (n, L+1)
         self.pos = self.pos + 1
-        ids = tokens.to(self.device)[torch.tensor(owner, device=self.device)].unsqueeze(1)  # (rows, 1)
-        rows_out, self.cache = self._forward(ids, self.mask, self.pos, self.cache, names)
+        rows_out, self.cache = self._forward(tokens.to(self.device).unsqueeze(1), self.mask, self.pos, self.cache, self.mixtures)
         return self._logits(rows_out, self.mixtures)
 
     def keep(self, indices: Sequence[int]) -> None:
@@ -169,33 +172,42 @@ class DecodeBatch:
             return  # nobody leaves: spare the cache a copy
         starts = _starts(self.mixtures)
         rows = [r for i in indices for r in range(starts[i], starts[i] + len(self.mixtures[i].pass_names))]
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        row_index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        index = torch.tensor(list(indices), dtype=torch.long, device=self.device)
         self.mixtures = [self.mixtures[i] for i in indices]
         self.mask, self.pos = self.mask[index], self.pos[index]
         if not rows:
             self.cache, self.mask = None, self.mask[:, :0]
             return
-        self.cache.batch_select_indices(index)
-        start = int(self.mask.any(0).long().argmax())  # columns before it are padding in every row left
+        if self.trunk is not None:
+            self.trunk.keep(self.cache, index, row_index)  # shared layers: by sequence; adapted layers: by pass row
+        else:
+            self.cache.batch_select_indices(row_index)
+        start = int(self.mask.any(0).long().argmax())  # columns before it are padding in every sequence left
         if start:
             self.cache = _rebuild(self.cache, lambda t: t[..., start:, :])
             self.mask = self.mask[:, start:]
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, names: list[str]) -> tuple[torch.Tensor, Any]:
-        """Each row's last final hidden state (rows, d), or its last logits (rows, V) without the hidden path."""
-        # logits_to_keep: an empty index asks the model for no logits at all on the hidden path
-        keep = torch.empty(0, dtype=torch.long, device=self.device) if self.head is not None else 1
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, mixtures: Sequence[Mixture]) -> tuple[torch.Tensor, Any]:
+        """One forward over (n, q) tokens of these sequences, with their (n, L) mask and (n, q) positions: each
+        pass row's last final hidden state (rows, d), or its last logits (rows, V) without the hidden path."""
+        owner, names = _layout(mixtures)
+        rows = torch.tensor(owner, dtype=torch.long, device=self.device)
         with autocast(self.device, self.precision):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-                adapter_names=names,
-                logits_to_keep=keep,
-                output_hidden_states=self.head is not None,
-            )
+            if self.trunk is not None:
+                return self.trunk.decode(Segment(ids, mask, pos), rows, names, cache, logits=self.head is None)
+            # logits_to_keep: an empty index asks the model for no logits at all on the hidden path
+            keep = torch.empty(0, dtype=torch.long, device=self.device) if self.head is not None else 1
+            with mixed_batch(self.lora, names):
+                out = self.model(
+                    input_ids=ids[rows],
+                    attention_mask=mask[rows],
+                    position_ids=pos[rows],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=keep,
+                    output_hidden_states=self.head is not None,
+                )
         last = out.hidden_states[-1] if self.head is not None else out.logits
         return last[:, -1].float(), out.past_key_values
 
@@ -246,7 +258,8 @@ def _rebuild(cache: Any, edit: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 def _join_caches(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """One cache and (rows, L) mask holding the rows of both, the shorter left-padded."""
+    """One cache and (n, L) mask holding the rows of both, the shorter left-padded (layer by layer: shared
+    layers hold rows per sequence, adapted ones per pass)."""
     if cache is None:
         return new_cache, new_mask
     from transformers import DynamicCache

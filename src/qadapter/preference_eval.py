@@ -81,9 +81,9 @@ def evaluate_preferences_at(
             order += index
             batch = collate_pairs([pairs[i] for i in index], qmodel.tokenizer.pad_token_id).to(qmodel.device)
             with autocast(qmodel.device, precision):
-                outputs = qmodel.run_passes(batch.input_ids, batch.attention_mask)
+                outputs = qmodel.pair_passes(batch)  # each prompt once
                 for out, dial in zip(results, dials):
-                    out.append(qmodel.pair_objective(outputs.terms(batch.completion_mask, dial), batch))
+                    out.append(qmodel.pair_objective(outputs.terms(dial=dial), batch))
             if on_batch is not None:
                 on_batch(len(index))
     finally:

@@ -101,6 +101,14 @@ def _has_progress(folder: Path) -> bool:
     return (folder / "adapter").is_dir() or any((folder / "checkpoints").glob("step-*"))
 
 
+def refuse_dangerous(output: Path) -> None:
+    """Refuse to replace ``output`` where it is the root, the home folder, the working folder or a folder above it."""
+    folder = output.resolve()
+    if folder == Path(folder.anchor) or folder == Path.home().resolve():
+        raise ConfigError(f"--output {output}: refusing to replace {folder} (the root or the home folder)")
+    _refuse_dangerous(output, folder)
+
+
 def _refuse_dangerous(output: Path, folder: Path) -> None:
     cwd = Path.cwd().resolve()
     if folder == cwd or folder in cwd.parents:

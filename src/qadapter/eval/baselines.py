@@ -249,7 +249,7 @@ def _run_trl(
 
                 args = SFTConfig(output_dir=trl_dir, **common, completion_only_loss=True, packing=False)
                 trainer = SFTTrainer(
-                    model=base.model, args=args, train_dataset=dataset, processing_class=base.tokenizer, peft_config=lora_config(config)
+                    model=base.model, args=args, train_dataset=dataset, processing_class=base.tokenizer, peft_config=lora_config(config, base.model)
                 )
             else:
                 from trl import DPOConfig, DPOTrainer
@@ -263,7 +263,7 @@ def _run_trl(
                     disable_dropout=False,  # keep LoRA dropout active, as Q-Adapter trains
                 )
                 trainer = DPOTrainer(
-                    model=base.model, args=args, train_dataset=dataset, processing_class=base.tokenizer, peft_config=lora_config(config)
+                    model=base.model, args=args, train_dataset=dataset, processing_class=base.tokenizer, peft_config=lora_config(config, base.model)
                 )
             if not progress:
                 trainer.remove_callback(PrinterCallback)  # the per-step log dicts; the log history is saved instead

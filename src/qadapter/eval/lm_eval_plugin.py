@@ -98,18 +98,10 @@ def load_qmodel(
 ) -> Any:
     """A :class:`~qadapter.model.QAdapterModel` for evaluation: the adapter on its recorded base
     (or on ``model``), on ``device``, in ``dtype``."""
-    from ..checkpoint import read_adapter_meta
-    from ..model import QAdapterModel, load_base
+    from ..model import QAdapterModel
 
     torch_device, torch_dtype = _device(device), _dtype(dtype)
-    if torch_dtype is None:
-        return QAdapterModel.from_pretrained(adapter, model=model, device=torch_device, allow_base_mismatch=allow_base_mismatch)
-    _, base_meta, _ = read_adapter_meta(adapter)
-    revision = None if model else base_meta.get("revision")
-    if isinstance(revision, str) and revision.startswith("gguf-sha256:"):  # a content hash, not a hub revision
-        revision = None
-    base = load_base(model or base_meta["name"], revision=revision, device=torch_device, dtype=torch_dtype)
-    return QAdapterModel.from_pretrained(adapter, base=base, allow_base_mismatch=allow_base_mismatch)
+    return QAdapterModel.from_pretrained(adapter, model=model, device=torch_device, dtype=torch_dtype, allow_base_mismatch=allow_base_mismatch)
 
 
 def _registered(cls: type) -> type:

@@ -89,7 +89,10 @@ def adapter_digest(qmodel: Any) -> str:
         if "lora_" in name:
             h.update(name.encode())
             h.update(param.detach().float().cpu().numpy().tobytes())
-    h.update(json.dumps([qmodel.config.to_dict(), qmodel.identity.to_dict()], sort_keys=True).encode())
+    # The base's fields but where to find it (file, sha256: the revision already pins a GGUF's content),
+    # so the digests of stages cached before those fields existed stay valid.
+    base = {k: v for k, v in qmodel.identity.to_dict().items() if k not in ("file", "sha256")}
+    h.update(json.dumps([qmodel.config.to_dict(), base], sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
