@@ -316,3 +316,26 @@ def test_the_hash_index_forgets_files_that_are_gone(tiny_gguf, cache, tmp_path):
     file_sha256(tiny_gguf)
     index = json.loads((cache / model_module.HASH_INDEX).read_text())
     assert [key.rsplit(":", 2)[0] for key in index] == [str(tiny_gguf.resolve())]
+
+
+def test_evaluation_cache_keys_ignore_settings_added_at_their_old_meaning(tiny_gguf, cache, tmp_path):
+    """adapt_layers=None (every layer, what adapters meant before the option) leaves adapter_digest as it was
+    without the field; any other value changes it."""
+    import dataclasses
+
+    from qadapter.eval.runner import adapter_digest
+
+    qmodel = QAdapterModel.from_pretrained(random_adapter(tiny_gguf, tmp_path / "adapter"), device="cpu")
+    assert qmodel.config.adapt_layers is None
+    with_field = adapter_digest(qmodel)
+    full = qmodel.config.to_dict()
+
+    class WithoutField:
+        def to_dict(self):
+            return {k: v for k, v in full.items() if k != "adapt_layers"}
+
+    config = qmodel.config
+    qmodel.config = WithoutField()  # type: ignore[assignment]
+    assert adapter_digest(qmodel) == with_field
+    qmodel.config = dataclasses.replace(config, adapt_layers=[1])
+    assert adapter_digest(qmodel) != with_field

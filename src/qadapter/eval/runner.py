@@ -82,6 +82,9 @@ class StageCache:
         return value
 
 
+LATER_SETTINGS_AT_OLD_MEANING = {"adapt_layers": None}  # None: LoRA on every layer, as before the option
+
+
 def adapter_digest(qmodel: Any) -> str:
     """Fingerprint of an adapter: its trainable weights, its settings and its base model."""
     h = hashlib.sha256()
@@ -92,7 +95,9 @@ def adapter_digest(qmodel: Any) -> str:
     # The base's fields but where to find it (file, sha256: the revision already pins a GGUF's content),
     # so the digests of stages cached before those fields existed stay valid.
     base = {k: v for k, v in qmodel.identity.to_dict().items() if k not in ("file", "sha256")}
-    h.update(json.dumps([qmodel.config.to_dict(), base], sort_keys=True).encode())
+    # Likewise settings added later, at the value that means what adapters before them did.
+    config = {k: v for k, v in qmodel.config.to_dict().items() if not (k in LATER_SETTINGS_AT_OLD_MEANING and v == LATER_SETTINGS_AT_OLD_MEANING[k])}
+    h.update(json.dumps([config, base], sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
