@@ -426,10 +426,14 @@ class QAdapterModel:
         adapted = self.adapter_logits(input_ids, attention_mask, module).float()  # (b, T, V)
         return objective.q_values(adapted, base, self.config.q_form), F.log_softmax(base, dim=-1)
 
+    def _is_plain(self, module: Any) -> bool:
+        """Whether the trainable model is the plain PEFT model, so the passes may share work (the trunk, a
+        prompt's forward): a distributed wrapper must see every forward to reduce the gradients."""
+        return module is None or module is self.peft_model
+
     def _shares_trunk(self, module: Any) -> bool:
-        """Whether the passes can share the trunk: there is one, and the trainable model is the plain PEFT
-        model (a distributed wrapper must see every forward to reduce the gradients)."""
-        return self.trunk is not None and (module is None or module is self.peft_model)
+        """Whether the passes can share the trunk: there is one, and the trainable model is plain (:meth:`_is_plain`)."""
+        return self.trunk is not None and self._is_plain(module)
 
     def run_passes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, module: Any = None) -> "PassOutputs":
         """Run the base pass (no graph) and the adapted pass (``module``: the possibly
@@ -485,7 +489,7 @@ class QAdapterModel:
         """Both passes over a preference batch, read with the batch's own layout (``terms(dial=...)``): each
         distinct prompt once, its KV cache serving every response to it, where ``module`` is the plain PEFT
         model; whole rows under a distributed wrapper, which must see every forward."""
-        if batch.shared is not None and (module is None or module is self.peft_model):
+        if batch.shared is not None and self._is_plain(module):
             return self._shared_passes(batch.shared)
         outputs = self.run_passes(batch.input_ids, batch.attention_mask, module)
         outputs.completion_mask = batch.completion_mask
